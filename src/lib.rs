@@ -1,1 +1,33 @@
+//! cruddur-syncd: a cache-sync daemon and operator tools for Cruddur's messaging backend.
+//!
+//! Components and the way data flows between them:
+//!
+//! ```text
+//!   config ──> every component (one file, env overrides, validated once)
+//!
+//!   DynamoDB ──(store: Query)──> cache <──(stream: decoded changes)── DynamoDB Streams
+//!                                  │
+//!   HTTP clients ──(http: JWT)─────┘        Cognito ──(reconcile)──> PostgreSQL users
+//! ```
+//!
+//! - [`config`]: the typed config and its validation.
+//! - [`aws`]: the SDK clients; [`pg`]: bounded PostgreSQL connections.
+//! - [`model`]: what an item of the single table means, decoded the same way from a Query and
+//!   from a stream image.
+//! - [`store`]: the DynamoDB reads and writes, paginated to the end.
+//! - [`tools`]: the operator subcommands; [`check`]: the config and dependency report.
+//! - [`daemon`]: the `run` command.
 
+pub mod aws;
+pub mod check;
+pub mod config;
+pub mod daemon;
+pub mod demo;
+pub mod error;
+pub mod logging;
+pub mod model;
+pub mod pg;
+pub mod store;
+pub mod tools;
+
+pub use error::{Error, Result};

@@ -1,0 +1,78 @@
+//! PostgreSQL connections, bounded in time so that a wrong URL fails fast with a sentence that
+//! names the server, instead of the 30 s pool timeout the Flask scripts hit.
+
+use std::str::FromStr;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{Connection, PgConnection, PgPool};
+
+use crate::config::PostgresConfig;
+use crate::error::{Error, Result};
+
+/// `host:port/database`, for messages; never the password.
+pub fn describe(opts: &PgConnectOptions) -> String {
+    format!("{}:{}/{}", opts.get_host(), opts.get_port(), opts.get_database().unwrap_or("postgres"))
+}
+
+pub fn options(cfg: &PostgresConfig) -> Result<PgConnectOptions> {
+    PgConnectOptions::from_str(cfg.connection_url())
+        .map_err(|e| Error::Failed(format!("postgres.url is not a usable connection URL: {e}")))
+}
+
+pub async fn connect(cfg: &PostgresConfig) -> Result<PgPool> {
+    connect_with(cfg, options(cfg)?).await
+}
+
+pub async fn connect_with(cfg: &PostgresConfig, opts: PgConnectOptions) -> Result<PgPool> {
+    let target = describe(&opts);
+    connect_raw(cfg, opts).await.map_err(|e| connect_error(&target, &e, cfg))
+}
+
+/// Like `connect_with`, but keeps sqlx's error so a caller can react to a SQLSTATE.
+pub async fn connect_raw(cfg: &PostgresConfig, opts: PgConnectOptions) -> std::result::Result<PgPool, sqlx::Error> {
+    // One plain connection first: the pool retries refused connections until its timeout,
+    // which would turn "connection refused" into a 5 s wait and a vaguer message.
+    let probe = tokio::time::timeout(cfg.connect_timeout, PgConnection::connect_with(&opts)).await;
+    match probe {
+        Ok(Ok(conn)) => {
+            let _ = conn.close().await;
+        }
+        Ok(Err(e)) => return Err(e),
+        Err(_) => return Err(sqlx::Error::PoolTimedOut),
+    }
+    let pool = PgPoolOptions::new().max_connections(cfg.max_connections).acquire_timeout(cfg.connect_timeout);
+    match tokio::time::timeout(cfg.connect_timeout, pool.connect_with(opts)).await {
+        Ok(result) => result,
+        Err(_) => Err(sqlx::Error::PoolTimedOut),
+    }
+}
+
+/// A connection error is "unavailable", except that a server which answers (no such database,
+/// authentication failed) is reachable and the config is what is wrong.
+pub fn connect_error(target: &str, e: &sqlx::Error, cfg: &PostgresConfig) -> Error {
+    match e {
+        sqlx::Error::Database(db) => {
+            Error::Failed(format!("PostgreSQL at {target} refused the connection: {}", db.message()))
+        }
+        sqlx::Error::PoolTimedOut => Error::Unavailable(format!(
+            "cannot connect to PostgreSQL at {target}: no answer within {}",
+            humantime::format_duration(cfg.connect_timeout)
+        )),
+        other => Error::Unavailable(format!("cannot connect to PostgreSQL at {target}: {other}")),
+    }
+}
+
+/// SQLSTATE 3D000: the server is there, the database is not.
+pub fn is_missing_database(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("3D000"))
+}
+
+/// A query error as a sentence naming the server.
+pub fn query_error(target: &str, what: &str, e: sqlx::Error) -> Error {
+    match e {
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => {
+            Error::Unavailable(format!("PostgreSQL at {target} stopped answering while {what}: {e}"))
+        }
+        other => Error::Failed(format!("PostgreSQL at {target} failed while {what}: {other}")),
+    }
+}

@@ -1,0 +1,173 @@
+//! DynamoDB access: the reads the cache loads through and the writes the tools make. Every
+//! list paginates to the end (the Flask scripts stopped at the first page).
+
+use std::collections::HashMap;
+
+use aws_sdk_dynamodb::types::{AttributeValue, Select};
+use aws_sdk_dynamodb::Client;
+
+use crate::error::{from_sdk, Result};
+use crate::model::{decode_item, DecodeError, Item, Message, MessageGroup, MessageGroupId, Pk, UserUuid};
+
+pub type RawItem = HashMap<String, AttributeValue>;
+
+/// The messages table, as seen through one client.
+#[derive(Clone, Debug)]
+pub struct Store {
+    client: Client,
+    table: String,
+    endpoint: String,
+}
+
+/// An item that does not fit the model, kept for reporting.
+#[derive(Debug, Clone)]
+pub struct Misfit {
+    pub pk: Option<String>,
+    pub sk: Option<String>,
+    pub error: DecodeError,
+}
+
+impl Store {
+    pub fn new(client: Client, table: impl Into<String>, endpoint: impl Into<String>) -> Self {
+        Self { client, table: table.into(), endpoint: endpoint.into() }
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    pub fn table(&self) -> &str {
+        &self.table
+    }
+
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    fn context(&self, op: &str) -> String {
+        format!("DynamoDB {op} on table {} at {}", self.table, self.endpoint)
+    }
+
+    /// Every item of a partition, in sk string order (`forward`) or reverse, stopping once
+    /// `limit` items were read.
+    pub async fn query_partition(&self, pk: &Pk, forward: bool, limit: Option<usize>) -> Result<Vec<RawItem>> {
+        let mut out = Vec::new();
+        let mut start: Option<RawItem> = None;
+        loop {
+            let mut q = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .key_condition_expression("pk = :pk")
+                .expression_attribute_values(":pk", AttributeValue::S(pk.to_string()))
+                .scan_index_forward(forward)
+                .consistent_read(true)
+                .select(Select::AllAttributes)
+                .set_exclusive_start_key(start.take());
+            if let Some(limit) = limit {
+                q = q.limit((limit - out.len()).clamp(1, 1000) as i32);
+            }
+            let page = q.send().await.map_err(|e| from_sdk(self.context(&format!("Query {pk}")), e))?;
+            out.extend(page.items.unwrap_or_default());
+            if limit.is_some_and(|l| out.len() >= l) {
+                break;
+            }
+            match page.last_evaluated_key {
+                Some(k) if !k.is_empty() => start = Some(k),
+                _ => break,
+            }
+        }
+        Ok(out)
+    }
+
+    /// A user's group rows, decoded; rows that do not fit the model are returned apart.
+    pub async fn group_rows(&self, user: UserUuid) -> Result<(Vec<MessageGroup>, Vec<Misfit>)> {
+        let raw = self.query_partition(&Pk::Groups(user), true, None).await?;
+        let (items, misfits) = decode_all(raw);
+        let groups = items
+            .into_iter()
+            .filter_map(|i| match i {
+                Item::Group(g) => Some(g),
+                Item::Message(_) => None,
+            })
+            .collect();
+        Ok((groups, misfits))
+    }
+
+    /// Every message of a group, decoded, oldest first by instant.
+    pub async fn messages(&self, group: MessageGroupId) -> Result<(Vec<Message>, Vec<Misfit>)> {
+        let raw = self.query_partition(&Pk::Messages(group), true, None).await?;
+        let (items, misfits) = decode_all(raw);
+        let mut messages: Vec<Message> = items
+            .into_iter()
+            .filter_map(|i| match i {
+                Item::Message(m) => Some(m),
+                Item::Group(_) => None,
+            })
+            .collect();
+        messages.sort_by(|a, b| a.sk.cmp(&b.sk));
+        Ok((messages, misfits))
+    }
+
+    /// Every item of the table, page by page; `each` sees items as they arrive so a scan of a
+    /// large table streams instead of buffering. Stops after `limit` items.
+    pub async fn scan(&self, limit: Option<usize>, mut each: impl FnMut(RawItem)) -> Result<usize> {
+        let mut seen = 0usize;
+        let mut start: Option<RawItem> = None;
+        loop {
+            let page = self
+                .client
+                .scan()
+                .table_name(&self.table)
+                .set_exclusive_start_key(start.take())
+                .send()
+                .await
+                .map_err(|e| from_sdk(self.context("Scan"), e))?;
+            for item in page.items.unwrap_or_default() {
+                if limit.is_some_and(|l| seen >= l) {
+                    return Ok(seen);
+                }
+                each(item);
+                seen += 1;
+            }
+            match page.last_evaluated_key {
+                Some(k) if !k.is_empty() => start = Some(k),
+                _ => return Ok(seen),
+            }
+        }
+    }
+
+    /// Puts an item unless one with its key exists; returns whether it was written.
+    pub async fn put_if_absent(&self, item: RawItem) -> Result<bool> {
+        let res = self
+            .client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(item))
+            .condition_expression("attribute_not_exists(pk)")
+            .send()
+            .await;
+        match res {
+            Ok(_) => Ok(true),
+            Err(e) if crate::error::sdk_code(&e) == Some("ConditionalCheckFailedException") => Ok(false),
+            Err(e) => Err(from_sdk(self.context("PutItem"), e)),
+        }
+    }
+}
+
+/// Decodes raw items, separating those that do not fit the model.
+pub fn decode_all(raw: Vec<RawItem>) -> (Vec<Item>, Vec<Misfit>) {
+    let mut items = Vec::with_capacity(raw.len());
+    let mut misfits = Vec::new();
+    for r in raw {
+        match decode_item(&r) {
+            Ok(i) => items.push(i),
+            Err(error) => misfits.push(Misfit { pk: string_attr(&r, "pk"), sk: string_attr(&r, "sk"), error }),
+        }
+    }
+    (items, misfits)
+}
+
+fn string_attr(item: &RawItem, name: &str) -> Option<String> {
+    item.get(name).and_then(|v| v.as_s().ok()).cloned()
+}
