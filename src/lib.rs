@@ -25,9 +25,11 @@ pub mod daemon;
 pub mod demo;
 pub mod error;
 pub mod logging;
+pub mod metrics;
 pub mod model;
 pub mod pg;
 pub mod store;
+pub mod stream;
 pub mod tools;
 
 pub use error::{Error, Result};

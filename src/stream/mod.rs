@@ -1,0 +1,72 @@
+//! The DynamoDB Streams tailer: follows every shard of the table's stream and hands decoded
+//! changes, in order per shard, to a [`ChangeSink`] (the cache).
+//!
+//! This file holds the interface between the tailer and its consumer; the tailer itself, the
+//! source trait it reads through and the AWS implementation of that trait live beside it.
+
+use std::future::Future;
+
+use chrono::{DateTime, Utc};
+
+use crate::metrics::StreamEvent;
+use crate::model::{Item, ItemKey};
+
+/// What happened to one item, decoded into the model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// INSERT or MODIFY with a new image: the item now has this content.
+    Upsert(Item),
+    /// REMOVE: the item is gone.
+    Remove(ItemKey),
+    /// INSERT or MODIFY on a KEYS_ONLY stream: the item changed, its content is unknown, so
+    /// whatever is cached for its partition must be reloaded.
+    Invalidate(ItemKey),
+}
+
+/// One stream record, decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChangeRecord {
+    pub shard_id: String,
+    pub sequence_number: String,
+    pub event: StreamEvent,
+    pub approximate_creation: Option<DateTime<Utc>>,
+    pub change: Change,
+}
+
+/// The consumer of the tailer's output. Implemented by the cache; tests record.
+pub trait ChangeSink: Send + Sync + 'static {
+    /// Applies records of one shard, in stream order. The tailer calls it once per GetRecords
+    /// page and does not read that shard further until it returns.
+    fn apply(&self, records: Vec<ChangeRecord>) -> impl Future<Output = ()> + Send;
+
+    /// Records may have been lost (trimmed data, a shard gone before it was finished, a new
+    /// stream): everything derived from the stream must be dropped.
+    fn gap(&self, reason: GapReason) -> impl Future<Output = ()> + Send;
+}
+
+/// Why the tailer reported a gap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GapReason {
+    TrimmedData { shard_id: String },
+    ShardVanished { shard_id: String },
+    NewStream { old_arn: Option<String>, new_arn: String },
+    StreamDisabled,
+}
+
+impl std::fmt::Display for GapReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GapReason::TrimmedData { shard_id } => {
+                write!(f, "records of shard {shard_id} were trimmed before being read")
+            }
+            GapReason::ShardVanished { shard_id } => {
+                write!(f, "shard {shard_id} vanished before it was read to its end")
+            }
+            GapReason::NewStream { old_arn, new_arn } => match old_arn {
+                Some(old) => write!(f, "the table's stream changed from {old} to {new_arn}"),
+                None => write!(f, "the table has a new stream {new_arn}"),
+            },
+            GapReason::StreamDisabled => write!(f, "the table's stream is disabled or the table is gone"),
+        }
+    }
+}
