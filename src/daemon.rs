@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 pub async fn run(loaded: LoadedConfig) -> Result<()> {
     tracing::info!(config = %loaded.path.display(), "cruddur-syncd {} starting", env!("CARGO_PKG_VERSION"));
     for e in loaded.effective() {
-        tracing::info!(key = %e.key, value = %e.value, source = %e.source, "effective config");
+        tracing::debug!(key = %e.key, value = %e.value, source = %e.source, "effective config");
     }
     shutdown_signal().await?;
     tracing::info!("shutdown requested; exiting");
