@@ -19,6 +19,7 @@
 //! - [`daemon`]: the `run` command.
 
 pub mod aws;
+pub mod cache;
 pub mod check;
 pub mod config;
 pub mod daemon;

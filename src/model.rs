@@ -50,6 +50,17 @@ uuid_newtype!(
     MessageId
 );
 
+/// A Cognito user's `sub`, the subject of its tokens; `users.cognito_user_id` in PostgreSQL.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
+pub struct CognitoSub(pub String);
+
+impl fmt::Display for CognitoSub {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// The sort key of every item: a timestamp string as stored, ordered by the instant it names.
 ///
 /// The raw string is kept because the API returns `created_at` exactly as stored, and because

@@ -1,0 +1,548 @@
+//! The in-memory caches the API serves from: each user's conversation list, each conversation's
+//! newest messages, and Cognito `sub` -> `users.uuid`.
+//!
+//! Entries are loaded on demand from DynamoDB (through [`Store`]) or PostgreSQL and then kept
+//! fresh by the stream tailer, which calls [`ChangeSink`] on this type.
+//!
+//! # The load/stream race, and the rule that settles it
+//!
+//! A miss queries DynamoDB while the tailer may be applying a newer change to the same key. If
+//! the query read the item before the change and the stream applied the change to the (still
+//! absent) key before the load inserted, the older value would win until the TTL.
+//!
+//! Rule: every write to a groups or messages entry — a load, a stream change, an invalidation —
+//! goes through moka's `and_compute_with`, which runs one computation per key at a time. A load
+//! therefore holds the key while it queries; a stream change for that key waits, then applies on
+//! top of what was loaded. Changes are idempotent (upsert or remove by sort key), so applying
+//! one that the query already saw changes nothing, and one the query missed is not lost. A
+//! change for a key that is absent and not loading is dropped: the next load reads it from
+//! DynamoDB, because the record exists only after the write is durable and loads read
+//! consistently.
+//!
+//! A gap (records possibly lost) bumps an epoch and flushes everything; a load that started
+//! under an older epoch serves its caller but does not insert, since changes it missed may be
+//! among the lost ones.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use moka::future::Cache as Moka;
+use moka::ops::compute::Op;
+use moka::Expiry;
+use sqlx::PgPool;
+
+use crate::config::CacheConfig;
+use crate::metrics::{CacheLabels, CacheName, CacheRequestLabels, CacheResult, Metrics};
+use crate::model::{
+    conversation_list, CognitoSub, Item, ItemKey, Message, MessageGroup, MessageGroupId, Pk, Sk, UserUuid,
+};
+use crate::store::{Misfit, Store};
+use crate::stream::{Change, ChangeRecord, ChangeSink, GapReason};
+
+/// Unknown subs are remembered this long, so a client retrying with a token of a user who is
+/// not provisioned yet costs no query, and a user that reconciliation just mapped waits at most
+/// this long even without an explicit invalidation.
+pub const NEGATIVE_USER_TTL: Duration = Duration::from_secs(30);
+
+/// What a lookup needs but could not get.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CacheError {
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// A user's group rows, keyed by sort key, with the conversation list derived from them.
+#[derive(Debug, Clone, Default)]
+pub struct GroupRows {
+    rows: BTreeMap<String, MessageGroup>,
+    /// One row per conversation, newest first (SPEC section 2).
+    view: Arc<[MessageGroup]>,
+}
+
+impl GroupRows {
+    fn new(rows: impl IntoIterator<Item = MessageGroup>) -> Self {
+        let rows: BTreeMap<String, MessageGroup> = rows.into_iter().map(|g| (g.sk.as_str().to_string(), g)).collect();
+        let view = conversation_list(rows.values().cloned()).into();
+        GroupRows { rows, view }
+    }
+
+    fn with(&self, change: impl FnOnce(&mut BTreeMap<String, MessageGroup>)) -> Self {
+        let mut rows = self.rows.clone();
+        change(&mut rows);
+        GroupRows::new(rows.into_values())
+    }
+
+    pub fn view(&self) -> &[MessageGroup] {
+        &self.view
+    }
+
+    pub fn contains_group(&self, group: MessageGroupId) -> bool {
+        self.view.iter().any(|g| g.message_group_uuid == group)
+    }
+
+    fn weight(&self) -> u32 {
+        let bytes: usize = self.rows.values().map(group_weight).sum::<usize>() * 2; // rows + view
+        u32::try_from(bytes + 64).unwrap_or(u32::MAX)
+    }
+}
+
+fn group_weight(g: &MessageGroup) -> usize {
+    std::mem::size_of::<MessageGroup>()
+        + g.sk.as_str().len() * 2
+        + g.message.len()
+        + g.user_display_name.len()
+        + g.user_handle.len()
+}
+
+fn message_weight(m: &Message) -> usize {
+    std::mem::size_of::<Message>()
+        + m.sk.as_str().len()
+        + m.message.len()
+        + m.user_display_name.len()
+        + m.user_handle.len()
+}
+
+/// The newest messages of a conversation, oldest first.
+#[derive(Debug, Clone, Default)]
+pub struct MessageWindow {
+    messages: Vec<Message>,
+    /// The window holds every message of the conversation, so nothing older exists.
+    complete: bool,
+}
+
+impl MessageWindow {
+    /// Keeps the newest `size` of `all` (which is sorted oldest first).
+    fn from_all(mut all: Vec<Message>, size: usize) -> Self {
+        let complete = all.len() <= size;
+        if !complete {
+            all.drain(..all.len() - size);
+        }
+        MessageWindow { messages: all, complete }
+    }
+
+    fn upsert(&self, m: Message, size: usize) -> Self {
+        let mut messages = self.messages.clone();
+        let mut complete = self.complete;
+        match messages.binary_search_by(|x| x.sk.cmp(&m.sk)) {
+            Ok(i) => messages[i] = m,
+            Err(0) if !complete => return self.clone(), // older than the window: not ours to hold
+            Err(i) => messages.insert(i, m),
+        }
+        if messages.len() > size {
+            messages.drain(..messages.len() - size);
+            complete = false;
+        }
+        MessageWindow { messages, complete }
+    }
+
+    fn remove(&self, sk: &Sk) -> Self {
+        let mut messages = self.messages.clone();
+        if let Ok(i) = messages.binary_search_by(|x| x.sk.cmp(sk)) {
+            messages.remove(i);
+        }
+        // The rest are still the newest ones; a complete window stays complete.
+        MessageWindow { messages, complete: self.complete }
+    }
+
+    pub fn messages(&self) -> &[Message] {
+        &self.messages
+    }
+
+    pub fn complete(&self) -> bool {
+        self.complete
+    }
+
+    fn weight(&self) -> u32 {
+        let bytes: usize = self.messages.iter().map(message_weight).sum();
+        u32::try_from(bytes + 64).unwrap_or(u32::MAX)
+    }
+}
+
+/// A page of a list and whether more exists beyond it.
+#[derive(Debug, Clone)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub more: bool,
+}
+
+struct UserExpiry {
+    positive: Duration,
+}
+
+impl Expiry<CognitoSub, Option<UserUuid>> for UserExpiry {
+    fn expire_after_create(&self, _: &CognitoSub, v: &Option<UserUuid>, _: Instant) -> Option<Duration> {
+        Some(if v.is_some() { self.positive } else { NEGATIVE_USER_TTL })
+    }
+
+    fn expire_after_update(
+        &self,
+        k: &CognitoSub,
+        v: &Option<UserUuid>,
+        now: Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        self.expire_after_create(k, v, now)
+    }
+}
+
+/// Where `sub -> users.uuid` comes from.
+#[derive(Clone, Debug)]
+pub struct Users {
+    pub pool: PgPool,
+    /// `host:port/db`, for messages.
+    pub target: String,
+}
+
+impl Users {
+    async fn lookup(&self, sub: &CognitoSub) -> Result<Option<UserUuid>, CacheError> {
+        let rows: Vec<(uuid::Uuid,)> =
+            sqlx::query_as("SELECT uuid FROM public.users WHERE cognito_user_id = $1 LIMIT 2")
+                .bind(&sub.0)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(|e| CacheError::Unavailable(format!("PostgreSQL at {} did not answer: {e}", self.target)))?;
+        match rows.as_slice() {
+            [(uuid,)] => Ok(Some(UserUuid(*uuid))),
+            [] => Ok(None),
+            _ => {
+                // Serving either row could show one person another's messages.
+                tracing::warn!(%sub, "several users rows carry this cognito_user_id; treating it as not provisioned");
+                Ok(None)
+            }
+        }
+    }
+}
+
+pub struct Cache {
+    groups: Moka<UserUuid, Arc<GroupRows>>,
+    messages: Moka<MessageGroupId, Arc<MessageWindow>>,
+    users: Moka<CognitoSub, Option<UserUuid>>,
+    store: Store,
+    users_source: Users,
+    window: usize,
+    epoch: AtomicU64,
+    metrics: Arc<Metrics>,
+}
+
+impl Cache {
+    pub fn new(cfg: &CacheConfig, store: Store, users_source: Users, metrics: Arc<Metrics>) -> Self {
+        // cache.max_bytes is the total; conversations take most of it, users are small.
+        let total = cfg.max_bytes;
+        let groups = Moka::builder()
+            .max_capacity(total * 2 / 5)
+            .weigher(|_: &UserUuid, v: &Arc<GroupRows>| v.weight())
+            .time_to_live(cfg.ttl)
+            .build();
+        let messages = Moka::builder()
+            .max_capacity(total / 2)
+            .weigher(|_: &MessageGroupId, v: &Arc<MessageWindow>| v.weight())
+            .time_to_live(cfg.ttl)
+            .build();
+        let users = Moka::builder()
+            .max_capacity(total / 10)
+            .weigher(|k: &CognitoSub, _: &Option<UserUuid>| 96 + u32::try_from(k.0.len()).unwrap_or(u32::MAX))
+            .expire_after(UserExpiry { positive: cfg.ttl })
+            .build();
+        Cache {
+            groups,
+            messages,
+            users,
+            store,
+            users_source,
+            window: cfg.messages_per_group as usize,
+            epoch: AtomicU64::new(0),
+            metrics,
+        }
+    }
+
+    fn count(&self, cache: CacheName, result: CacheResult) {
+        self.metrics.cache_requests.get_or_create(&CacheRequestLabels { cache, result }).inc();
+    }
+
+    /// The `users.uuid` of a token's subject; `None` when no row carries it.
+    pub async fn user(&self, sub: &CognitoSub) -> Result<Option<UserUuid>, CacheError> {
+        if let Some(hit) = self.users.get(sub).await {
+            self.count(CacheName::users, CacheResult::hit);
+            return Ok(hit);
+        }
+        self.count(CacheName::users, CacheResult::miss);
+        // Concurrent misses for one sub share one query; errors are not cached.
+        self.users.try_get_with_by_ref(sub, self.users_source.lookup(sub)).await.map_err(|e| (*e).clone())
+    }
+
+    /// Forgets mappings that reconciliation just changed, so they apply to the next request.
+    pub async fn forget_users(&self, subs: impl IntoIterator<Item = CognitoSub>) {
+        for sub in subs {
+            self.users.invalidate(&sub).await;
+        }
+    }
+
+    /// A user's conversation rows, loaded on a miss.
+    pub async fn groups(&self, user: UserUuid) -> Result<Arc<GroupRows>, CacheError> {
+        if let Some(hit) = self.groups.get(&user).await {
+            self.count(CacheName::groups, CacheResult::hit);
+            return Ok(hit);
+        }
+        self.count(CacheName::groups, CacheResult::miss);
+        let epoch = self.epoch.load(Ordering::Acquire);
+        let mut loaded: Option<Result<Arc<GroupRows>, CacheError>> = None;
+        let store = &self.store;
+        let result = self
+            .groups
+            .entry(user)
+            .and_compute_with(|existing| {
+                let loaded = &mut loaded;
+                async move {
+                    if existing.is_some() {
+                        return Op::Nop; // another request loaded it while we waited
+                    }
+                    match store.group_rows(user).await {
+                        Ok((rows, misfits)) => {
+                            report_misfits(&misfits);
+                            let value = Arc::new(GroupRows::new(rows));
+                            *loaded = Some(Ok(value.clone()));
+                            if self.epoch.load(Ordering::Acquire) == epoch {
+                                Op::Put(value)
+                            } else {
+                                Op::Nop
+                            }
+                        }
+                        Err(e) => {
+                            *loaded = Some(Err(CacheError::Unavailable(e.to_string())));
+                            Op::Nop
+                        }
+                    }
+                }
+            })
+            .await;
+        match (loaded, result.into_entry()) {
+            (Some(value), _) => value,
+            (None, Some(entry)) => Ok(entry.into_value()),
+            // Nop on an absent entry without a load: cannot happen, but never panic for it.
+            (None, None) => Err(CacheError::Unavailable(format!("conversations of user {user} could not be loaded"))),
+        }
+    }
+
+    /// A conversation's newest messages, loaded on a miss.
+    pub async fn window(&self, group: MessageGroupId) -> Result<Arc<MessageWindow>, CacheError> {
+        if let Some(hit) = self.messages.get(&group).await {
+            self.count(CacheName::messages, CacheResult::hit);
+            return Ok(hit);
+        }
+        self.count(CacheName::messages, CacheResult::miss);
+        let epoch = self.epoch.load(Ordering::Acquire);
+        let mut loaded: Option<Result<Arc<MessageWindow>, CacheError>> = None;
+        let (store, size) = (&self.store, self.window);
+        let result = self
+            .messages
+            .entry(group)
+            .and_compute_with(|existing| {
+                let loaded = &mut loaded;
+                async move {
+                    if existing.is_some() {
+                        return Op::Nop;
+                    }
+                    // The whole conversation, ordered by instant: a Query in sk order cannot
+                    // stop early on tables that mix timestamp spellings.
+                    match store.messages(group).await {
+                        Ok((all, misfits)) => {
+                            report_misfits(&misfits);
+                            let value = Arc::new(MessageWindow::from_all(all, size));
+                            *loaded = Some(Ok(value.clone()));
+                            if self.epoch.load(Ordering::Acquire) == epoch {
+                                Op::Put(value)
+                            } else {
+                                Op::Nop
+                            }
+                        }
+                        Err(e) => {
+                            *loaded = Some(Err(CacheError::Unavailable(e.to_string())));
+                            Op::Nop
+                        }
+                    }
+                }
+            })
+            .await;
+        match (loaded, result.into_entry()) {
+            (Some(value), _) => value,
+            (None, Some(entry)) => Ok(entry.into_value()),
+            (None, None) => Err(CacheError::Unavailable(format!("messages of group {group} could not be loaded"))),
+        }
+    }
+
+    /// The newest `limit` messages strictly before `before` (all when `None`), oldest first.
+    /// Served from the window when it holds them, else from DynamoDB.
+    pub async fn messages_page(
+        &self,
+        group: MessageGroupId,
+        limit: usize,
+        before: Option<&Sk>,
+    ) -> Result<Page<Message>, CacheError> {
+        let window = self.window(group).await?;
+        let older = |m: &Message| before.is_none_or(|b| m.sk < *b);
+        let candidates: Vec<&Message> = window.messages().iter().filter(|m| older(m)).collect();
+        if candidates.len() >= limit || window.complete() {
+            let skip = candidates.len().saturating_sub(limit);
+            let more = skip > 0 || !window.complete();
+            return Ok(Page { items: candidates[skip..].iter().map(|m| (*m).clone()).collect(), more });
+        }
+        // Beyond the window: read the conversation from DynamoDB (not cached; deep history is
+        // rare and would evict the newest pages everyone reads).
+        let (all, misfits) = self.store.messages(group).await.map_err(|e| CacheError::Unavailable(e.to_string()))?;
+        report_misfits(&misfits);
+        let candidates: Vec<Message> = all.into_iter().filter(|m| older(m)).collect();
+        let skip = candidates.len().saturating_sub(limit);
+        Ok(Page { items: candidates[skip..].to_vec(), more: skip > 0 })
+    }
+
+    /// Applies one decoded stream change.
+    pub async fn apply(&self, change: Change) {
+        match change {
+            Change::Upsert(Item::Group(g)) => {
+                let owner = g.owner;
+                self.update_groups(owner, move |rows| {
+                    rows.with(|r| {
+                        r.insert(g.sk.as_str().to_string(), g);
+                    })
+                })
+                .await
+            }
+            Change::Upsert(Item::Message(m)) => {
+                let (group, size) = (m.group, self.window);
+                self.update_window(group, move |w| w.upsert(m, size)).await
+            }
+            Change::Remove(ItemKey { pk: Pk::Groups(owner), sk }) => {
+                self.update_groups(owner, move |rows| {
+                    rows.with(|r| {
+                        r.remove(sk.as_str());
+                    })
+                })
+                .await
+            }
+            Change::Remove(ItemKey { pk: Pk::Messages(group), sk }) => {
+                self.update_window(group, move |w| w.remove(&sk)).await
+            }
+            Change::Invalidate(ItemKey { pk: Pk::Groups(owner), .. }) => {
+                // Through the compute lock, so an in-flight load finishes before the removal.
+                self.groups.entry(owner).and_compute_with(|_| async { Op::Remove }).await;
+            }
+            Change::Invalidate(ItemKey { pk: Pk::Messages(group), .. }) => {
+                self.messages.entry(group).and_compute_with(|_| async { Op::Remove }).await;
+            }
+        }
+    }
+
+    async fn update_groups(&self, owner: UserUuid, f: impl FnOnce(&GroupRows) -> GroupRows) {
+        self.groups
+            .entry(owner)
+            .and_compute_with(|existing| async move {
+                match existing {
+                    Some(e) => Op::Put(Arc::new(f(e.value()))),
+                    None => Op::Nop,
+                }
+            })
+            .await;
+    }
+
+    async fn update_window(&self, group: MessageGroupId, f: impl FnOnce(&MessageWindow) -> MessageWindow) {
+        self.messages
+            .entry(group)
+            .and_compute_with(|existing| async move {
+                match existing {
+                    Some(e) => Op::Put(Arc::new(f(e.value()))),
+                    None => Op::Nop,
+                }
+            })
+            .await;
+    }
+
+    /// Drops everything derived from the stream (users are not: they come from PostgreSQL).
+    pub fn flush(&self, reason: &GapReason) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.groups.invalidate_all();
+        self.messages.invalidate_all();
+        self.metrics.stream_resyncs.inc();
+        tracing::warn!(%reason, "possible gap in the stream: flushed the conversation caches");
+    }
+
+    /// Brings the entry and weight gauges up to date (called when metrics are scraped).
+    pub async fn refresh_gauges(&self) {
+        self.groups.run_pending_tasks().await;
+        self.messages.run_pending_tasks().await;
+        self.users.run_pending_tasks().await;
+        let set = |cache: CacheName, entries: u64, weight: u64| {
+            let labels = CacheLabels { cache };
+            self.metrics.cache_entries.get_or_create(&labels).set(i64::try_from(entries).unwrap_or(i64::MAX));
+            self.metrics.cache_weight_bytes.get_or_create(&labels).set(i64::try_from(weight).unwrap_or(i64::MAX));
+        };
+        set(CacheName::groups, self.groups.entry_count(), self.groups.weighted_size());
+        set(CacheName::messages, self.messages.entry_count(), self.messages.weighted_size());
+        set(CacheName::users, self.users.entry_count(), self.users.weighted_size());
+    }
+
+    /// Number of cached conversation lists (for status lines).
+    pub fn cached_groups(&self) -> u64 {
+        self.groups.entry_count()
+    }
+}
+
+impl ChangeSink for Cache {
+    async fn apply(&self, records: Vec<ChangeRecord>) {
+        for r in records {
+            Cache::apply(self, r.change).await;
+        }
+    }
+
+    async fn gap(&self, reason: GapReason) {
+        self.flush(&reason);
+    }
+}
+
+fn report_misfits(misfits: &[Misfit]) {
+    for m in misfits {
+        tracing::warn!(pk = ?m.pk, sk = ?m.sk, error = %m.error, "skipped an item that does not fit the model");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use uuid::Uuid;
+
+    fn msg(minute: u32) -> Message {
+        Message {
+            group: MessageGroupId(Uuid::nil()),
+            sk: Sk::parse(&format!("2024-01-01T00:{minute:02}:00+00:00")).unwrap(),
+            message_uuid: crate::model::MessageId(Uuid::from_u128(minute as u128)),
+            message: format!("m{minute}"),
+            user_uuid: UserUuid(Uuid::nil()),
+            user_display_name: "A".into(),
+            user_handle: "a".into(),
+        }
+    }
+
+    fn minutes(w: &MessageWindow) -> Vec<String> {
+        w.messages().iter().map(|m| m.message.clone()).collect()
+    }
+
+    #[test]
+    fn window_keeps_the_newest_and_knows_when_it_is_complete() {
+        let w = MessageWindow::from_all((0..5).map(msg).collect(), 3);
+        assert_eq!(minutes(&w), ["m2", "m3", "m4"]);
+        assert!(!w.complete());
+        // older than an incomplete window: ignored
+        assert_eq!(minutes(&w.upsert(msg(1), 3)), ["m2", "m3", "m4"]);
+        // newer: pushes the oldest out
+        assert_eq!(minutes(&w.upsert(msg(9), 3)), ["m3", "m4", "m9"]);
+        let small = MessageWindow::from_all(vec![msg(1)], 3);
+        assert!(small.complete());
+        let grown = small.upsert(msg(0), 3).upsert(msg(2), 3);
+        assert_eq!(minutes(&grown), ["m0", "m1", "m2"]);
+        assert!(grown.complete());
+        let over = grown.upsert(msg(3), 3);
+        assert!(!over.complete());
+        assert_eq!(minutes(&over.remove(&msg(2).sk)), ["m1", "m3"]);
+    }
+}
