@@ -6,6 +6,16 @@
 
 use std::future::Future;
 
+pub mod aws_source;
+pub mod decode;
+pub mod scripted;
+pub mod source;
+pub mod tailer;
+
+pub use aws_source::AwsSource;
+pub use source::{ShardId, StreamSource};
+pub use tailer::{Tailer, TailerState, TailerStatus};
+
 use chrono::{DateTime, Utc};
 
 use crate::metrics::StreamEvent;

@@ -382,3 +382,56 @@ pub fn bin() -> Command {
     cmd.env_remove("RUST_LOG").env_remove("CRUDDUR_SYNCD_CONFIG").env("NO_COLOR", "1");
     cmd
 }
+
+// ---------------------------------------------------------------------------------------------
+// Stream consumers
+
+/// What a [`RecordingSink`] saw, in the order the tailer delivered it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SinkEvent {
+    Apply(Vec<cruddur_syncd::stream::ChangeRecord>),
+    Gap(cruddur_syncd::stream::GapReason),
+}
+
+/// The test consumer of the stream tailer: records every page and gap.
+#[derive(Debug, Default)]
+pub struct RecordingSink {
+    events: std::sync::Mutex<Vec<SinkEvent>>,
+}
+
+impl RecordingSink {
+    pub fn events(&self) -> Vec<SinkEvent> {
+        self.events.lock().unwrap().clone()
+    }
+
+    /// Every record applied, in delivery order.
+    pub fn changes(&self) -> Vec<cruddur_syncd::stream::ChangeRecord> {
+        self.events()
+            .into_iter()
+            .flat_map(|e| match e {
+                SinkEvent::Apply(records) => records,
+                SinkEvent::Gap(_) => Vec::new(),
+            })
+            .collect()
+    }
+
+    pub fn gaps(&self) -> Vec<cruddur_syncd::stream::GapReason> {
+        self.events()
+            .into_iter()
+            .filter_map(|e| match e {
+                SinkEvent::Gap(g) => Some(g),
+                SinkEvent::Apply(_) => None,
+            })
+            .collect()
+    }
+}
+
+impl cruddur_syncd::stream::ChangeSink for RecordingSink {
+    async fn apply(&self, records: Vec<cruddur_syncd::stream::ChangeRecord>) {
+        self.events.lock().unwrap().push(SinkEvent::Apply(records));
+    }
+
+    async fn gap(&self, reason: cruddur_syncd::stream::GapReason) {
+        self.events.lock().unwrap().push(SinkEvent::Gap(reason));
+    }
+}

@@ -1,0 +1,224 @@
+//! [`StreamSource`] over the real SDK clients (AWS, or moto in tests).
+
+use aws_sdk_dynamodbstreams::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_dynamodbstreams::types::ShardIteratorType;
+
+use super::source::{
+    Position, RecordsPage, ShardId, ShardInfo, ShardIterator, ShardPage, SourceError, StreamSource, TableStream,
+};
+use crate::aws::Clients;
+
+/// Reads through the DynamoDB client (DescribeTable) and the Streams client (everything else).
+#[derive(Clone, Debug)]
+pub struct AwsSource {
+    dynamodb: aws_sdk_dynamodb::Client,
+    streams: aws_sdk_dynamodbstreams::Client,
+}
+
+impl AwsSource {
+    pub fn new(dynamodb: aws_sdk_dynamodb::Client, streams: aws_sdk_dynamodbstreams::Client) -> Self {
+        Self { dynamodb, streams }
+    }
+
+    pub fn from_clients(clients: &Clients) -> Self {
+        Self::new(clients.dynamodb.clone(), clients.streams.clone())
+    }
+}
+
+/// What an operation-specific error predicate recognised.
+enum Known {
+    Expired,
+    Trimmed,
+    NotFound,
+    Throttled,
+}
+
+/// Error codes that mean "slow down or try again", whichever operation returned them.
+const RETRYABLE_CODES: &[&str] = &[
+    "LimitExceededException",
+    "ProvisionedThroughputExceededException",
+    "ThrottlingException",
+    "RequestLimitExceeded",
+    "InternalServerError",
+    "ServiceUnavailable",
+];
+
+/// Error text goes into logs and status; moto's HTML bodies must not flood them.
+const MAX_ERROR_TEXT: usize = 400;
+
+fn classify<E>(context: &str, err: SdkError<E>, known: Option<Known>) -> SourceError
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    let mut text = format!("{context}: {}", DisplayErrorContext(&err));
+    if text.len() > MAX_ERROR_TEXT {
+        let end = text.char_indices().map(|(i, _)| i).take_while(|&i| i <= MAX_ERROR_TEXT).last().unwrap_or(0);
+        text.truncate(end);
+        text.push_str("...");
+    }
+    match known {
+        Some(Known::Expired) => return SourceError::ExpiredIterator(text),
+        Some(Known::Trimmed) => return SourceError::TrimmedDataAccess(text),
+        Some(Known::NotFound) => return SourceError::ResourceNotFound(text),
+        Some(Known::Throttled) => return SourceError::Throttled(text),
+        None => {}
+    }
+    let code = err.as_service_error().and_then(|e| e.code());
+    if code.is_some_and(|c| RETRYABLE_CODES.contains(&c)) {
+        return SourceError::Throttled(text);
+    }
+    // moto answers bad input with an HTML 500 that has no error code at all.
+    let status = err.raw_response().map(|r| r.status().as_u16());
+    if status.is_some_and(|s| s >= 500 || s == 429) {
+        return SourceError::Throttled(text);
+    }
+    SourceError::Other(text)
+}
+
+fn iterator_type(position: &Position) -> (ShardIteratorType, Option<&str>) {
+    match position {
+        Position::TrimHorizon => (ShardIteratorType::TrimHorizon, None),
+        Position::Latest => (ShardIteratorType::Latest, None),
+        Position::AfterSequenceNumber(s) => (ShardIteratorType::AfterSequenceNumber, Some(s)),
+        Position::AtSequenceNumber(s) => (ShardIteratorType::AtSequenceNumber, Some(s)),
+    }
+}
+
+impl StreamSource for AwsSource {
+    async fn describe_table(&self, table: &str) -> Result<TableStream, SourceError> {
+        let out = match self.dynamodb.describe_table().table_name(table).send().await {
+            Ok(out) => out,
+            Err(err) => {
+                let known = err.as_service_error().and_then(|e| {
+                    if e.is_resource_not_found_exception() {
+                        Some(Known::NotFound)
+                    } else if e.is_internal_server_error() {
+                        Some(Known::Throttled)
+                    } else {
+                        None
+                    }
+                });
+                if matches!(known, Some(Known::NotFound)) {
+                    return Ok(TableStream::TableMissing);
+                }
+                return Err(classify(&format!("DescribeTable {table}"), err, known));
+            }
+        };
+        let Some(t) = out.table else {
+            return Err(SourceError::Other(format!("DescribeTable {table}: the answer has no Table")));
+        };
+        let spec = t.stream_specification.as_ref().filter(|s| s.stream_enabled);
+        match (spec, t.latest_stream_arn) {
+            (Some(spec), Some(arn)) => Ok(TableStream::Enabled {
+                arn,
+                view_type: spec.stream_view_type.as_ref().map(|v| v.as_str().to_string()),
+            }),
+            _ => Ok(TableStream::Disabled),
+        }
+    }
+
+    async fn describe_stream(
+        &self,
+        stream_arn: &str,
+        exclusive_start: Option<&ShardId>,
+    ) -> Result<ShardPage, SourceError> {
+        let out = self
+            .streams
+            .describe_stream()
+            .stream_arn(stream_arn)
+            .set_exclusive_start_shard_id(exclusive_start.map(|s| s.0.clone()))
+            .send()
+            .await
+            .map_err(|err| {
+                let known = err.as_service_error().and_then(|e| {
+                    if e.is_resource_not_found_exception() {
+                        Some(Known::NotFound)
+                    } else if e.is_internal_server_error() {
+                        Some(Known::Throttled)
+                    } else {
+                        None
+                    }
+                });
+                classify(&format!("DescribeStream {stream_arn}"), err, known)
+            })?;
+        let Some(desc) = out.stream_description else {
+            return Err(SourceError::Other(format!(
+                "DescribeStream {stream_arn}: the answer has no StreamDescription"
+            )));
+        };
+        let mut shards = Vec::with_capacity(desc.shards.as_ref().map_or(0, Vec::len));
+        for shard in desc.shards.unwrap_or_default() {
+            // A shard without an id cannot be read; skipping it is all we can do.
+            let Some(id) = shard.shard_id else {
+                tracing::warn!(stream = stream_arn, "DescribeStream listed a shard without a ShardId; ignored");
+                continue;
+            };
+            let range = shard.sequence_number_range;
+            shards.push(ShardInfo {
+                id: ShardId(id),
+                parent: shard.parent_shard_id.map(ShardId),
+                starting_sequence_number: range.as_ref().and_then(|r| r.starting_sequence_number.clone()),
+                ending_sequence_number: range.and_then(|r| r.ending_sequence_number),
+            });
+        }
+        Ok(ShardPage { shards, last_evaluated_shard_id: desc.last_evaluated_shard_id.map(ShardId) })
+    }
+
+    async fn get_shard_iterator(
+        &self,
+        stream_arn: &str,
+        shard: &ShardId,
+        position: &Position,
+    ) -> Result<ShardIterator, SourceError> {
+        let (kind, sequence) = iterator_type(position);
+        let out = self
+            .streams
+            .get_shard_iterator()
+            .stream_arn(stream_arn)
+            .shard_id(shard.as_str())
+            .shard_iterator_type(kind)
+            .set_sequence_number(sequence.map(str::to_string))
+            .send()
+            .await
+            .map_err(|err| {
+                let known = err.as_service_error().and_then(|e| {
+                    if e.is_resource_not_found_exception() {
+                        Some(Known::NotFound)
+                    } else if e.is_trimmed_data_access_exception() {
+                        Some(Known::Trimmed)
+                    } else if e.is_internal_server_error() {
+                        Some(Known::Throttled)
+                    } else {
+                        None
+                    }
+                });
+                classify(&format!("GetShardIterator {shard} {position}"), err, known)
+            })?;
+        out.shard_iterator.map(ShardIterator).ok_or_else(|| {
+            SourceError::Other(format!("GetShardIterator {shard} {position}: the answer has no ShardIterator"))
+        })
+    }
+
+    async fn get_records(&self, iterator: &ShardIterator) -> Result<RecordsPage, SourceError> {
+        let out = self.streams.get_records().shard_iterator(iterator.0.as_str()).send().await.map_err(|err| {
+            let known = err.as_service_error().and_then(|e| {
+                if e.is_expired_iterator_exception() {
+                    Some(Known::Expired)
+                } else if e.is_trimmed_data_access_exception() {
+                    Some(Known::Trimmed)
+                } else if e.is_resource_not_found_exception() {
+                    Some(Known::NotFound)
+                } else if e.is_limit_exceeded_exception() || e.is_internal_server_error() {
+                    Some(Known::Throttled)
+                } else {
+                    None
+                }
+            });
+            classify("GetRecords", err, known)
+        })?;
+        Ok(RecordsPage {
+            records: out.records.unwrap_or_default(),
+            next_iterator: out.next_shard_iterator.map(ShardIterator),
+        })
+    }
+}
