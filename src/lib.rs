@@ -25,6 +25,7 @@ pub mod config;
 pub mod daemon;
 pub mod demo;
 pub mod error;
+pub mod http;
 pub mod logging;
 pub mod metrics;
 pub mod model;
