@@ -210,6 +210,34 @@ impl Metrics {
         registry.register("config_reloads", "Config reloads, by result", m.config_reloads.clone());
         registry.register("build_info", "Build information", m.build_info.clone());
         m.build_info.get_or_create(&VersionLabels { version: env!("CARGO_PKG_VERSION") }).set(1);
+        // Every known label value starts at 0, so dashboards and rate() see a series from the
+        // first scrape instead of only after the first event.
+        for event in [StreamEvent::INSERT, StreamEvent::MODIFY, StreamEvent::REMOVE] {
+            let _ = m.stream_records.get_or_create(&EventLabels { event });
+        }
+        for kind in [
+            StreamErrorKind::expired_iterator,
+            StreamErrorKind::trimmed,
+            StreamErrorKind::throttled,
+            StreamErrorKind::not_found,
+            StreamErrorKind::other,
+        ] {
+            let _ = m.stream_errors.get_or_create(&ErrorLabels { kind });
+        }
+        for state in [ShardState::reading, ShardState::finished] {
+            let _ = m.stream_shards.get_or_create(&ShardLabels { state });
+        }
+        for cache in [CacheName::groups, CacheName::messages, CacheName::users] {
+            let _ = m.cache_entries.get_or_create(&CacheLabels { cache });
+            let _ = m.cache_weight_bytes.get_or_create(&CacheLabels { cache });
+            for result in [CacheResult::hit, CacheResult::miss] {
+                let _ = m.cache_requests.get_or_create(&CacheRequestLabels { cache, result });
+            }
+        }
+        for result in [RunResult::success, RunResult::failure, RunResult::skipped] {
+            let _ = m.reconcile_runs.get_or_create(&RunLabels { result });
+            let _ = m.config_reloads.get_or_create(&RunLabels { result });
+        }
         Metrics { registry, ..m }
     }
 

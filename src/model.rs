@@ -55,6 +55,26 @@ uuid_newtype!(
 #[serde(transparent)]
 pub struct CognitoSub(pub String);
 
+impl CognitoSub {
+    pub fn new(sub: impl Into<String>) -> Self {
+        CognitoSub(sub.into())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn into_string(self) -> String {
+        self.0
+    }
+}
+
+impl AsRef<str> for CognitoSub {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
 impl fmt::Display for CognitoSub {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)

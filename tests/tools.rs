@@ -371,8 +371,11 @@ async fn log_format_and_rust_log() {
 }
 
 #[tokio::test]
-async fn run_waits_for_sigterm_and_exits_0() {
+async fn run_serves_until_sigterm_and_exits_0() {
+    use std::io::BufRead;
     let env = env().await;
+    env.json_lines(&["ddb", "schema-load"]);
+    env.json_lines(&["db", "schema-load"]);
     let mut child = support::bin()
         .arg("--config")
         .arg(&env.config)
@@ -380,12 +383,40 @@ async fn run_waits_for_sigterm_and_exits_0() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    assert!(child.try_wait().unwrap().is_none(), "run exited on its own");
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    // Start-up ends with one "serving" line naming both listeners.
+    while !seen.contains("serving") {
+        let mut line = String::new();
+        if stderr.read_line(&mut line).unwrap() == 0 {
+            panic!("run exited before serving: {seen}");
+        }
+        seen.push_str(&line);
+    }
+    assert!(seen.contains("api_addr=127.0.0.1:") && seen.contains("admin_addr=127.0.0.1:"), "{seen}");
     let pid = child.id().to_string();
     assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
-    let out = child.wait_with_output().unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("shutdown requested"));
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut rest).unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{seen}{rest}");
+    assert!(rest.contains("shutdown requested") && rest.contains("stopped"), "{rest}");
+    env.db.drop_db().await;
+}
+
+#[tokio::test]
+async fn run_exits_69_when_postgres_is_down_at_start() {
+    let env = env().await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let out = support::bin()
+        .arg("--config")
+        .arg(&env.config)
+        .arg("run")
+        .env("CRUDDUR_SYNCD__POSTGRES__URL", format!("postgres://postgres@127.0.0.1:{closed}/x"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(69));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&format!("127.0.0.1:{closed}")), "{stderr}");
     env.db.drop_db().await;
 }

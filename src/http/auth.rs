@@ -51,35 +51,7 @@ pub const MAX_TOKEN_LEN: usize = 16 * 1024;
 /// Largest JWKS document accepted.
 const MAX_JWKS_BYTES: usize = 1024 * 1024;
 
-/// A Cognito user's `sub` (a UUID on real Cognito, kept as the string the token carried).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct CognitoSub(String);
-
-impl CognitoSub {
-    pub fn new(sub: impl Into<String>) -> Self {
-        CognitoSub(sub.into())
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-
-    pub fn into_string(self) -> String {
-        self.0
-    }
-}
-
-impl fmt::Display for CognitoSub {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl AsRef<str> for CognitoSub {
-    fn as_ref(&self) -> &str {
-        &self.0
-    }
-}
+pub use crate::model::CognitoSub;
 
 /// What a valid token proves.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 use aws_config::{BehaviorVersion, SdkConfig};
 use sqlx::{Connection, PgConnection};
 
+pub mod app;
+
 pub const PG_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 
 // ---------------------------------------------------------------------------------------------

@@ -1,0 +1,94 @@
+//! The admin listener (SPEC section 6): liveness, readiness with named checks, and metrics.
+//! It runs on its own address so probes and scrapes never compete with API clients.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::json;
+use tokio::sync::watch;
+
+use super::auth::Authenticator;
+use crate::cache::Cache;
+use crate::metrics::Metrics;
+use crate::stream::tailer::TailerStatus;
+
+/// PostgreSQL counts as healthy for this long after its last answer (SPEC section 6).
+pub const POSTGRES_FRESHNESS: Duration = Duration::from_secs(30);
+
+/// When PostgreSQL last answered, kept by a background pinger.
+#[derive(Debug)]
+pub struct PgHealth {
+    started: Instant,
+    /// Milliseconds since `started` of the last answer, plus one (0 = never).
+    last_ok_ms: AtomicU64,
+}
+
+impl Default for PgHealth {
+    fn default() -> Self {
+        PgHealth { started: Instant::now(), last_ok_ms: AtomicU64::new(0) }
+    }
+}
+
+impl PgHealth {
+    pub fn record_ok(&self) {
+        let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ok_ms.store(ms.saturating_add(1), Ordering::Release);
+    }
+
+    pub fn answered_within(&self, window: Duration) -> bool {
+        match self.last_ok_ms.load(Ordering::Acquire) {
+            0 => false,
+            ms => self.started.elapsed().saturating_sub(Duration::from_millis(ms - 1)) <= window,
+        }
+    }
+}
+
+pub struct AdminState {
+    pub metrics: Arc<Metrics>,
+    pub cache: Arc<Cache>,
+    pub auth: Arc<Authenticator>,
+    pub pg: Arc<PgHealth>,
+    /// The stream tailer's status; ready when it holds a position on every open shard.
+    pub stream_status: watch::Receiver<TailerStatus>,
+    /// Set when shutdown begins; readiness fails from then on.
+    pub shutting_down: Arc<AtomicBool>,
+}
+
+pub fn router(state: Arc<AdminState>) -> Router {
+    Router::new()
+        .route("/livez", get(|| async { Json(json!({ "status": "alive" })) }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+async fn readyz(State(s): State<Arc<AdminState>>) -> Response {
+    let checks = [
+        ("shutdown", !s.shutting_down.load(Ordering::Acquire), "shutting down"),
+        ("stream", s.stream_status.borrow().positioned, "the stream tailer is not positioned on every open shard"),
+        ("postgres", s.pg.answered_within(POSTGRES_FRESHNESS), "PostgreSQL has not answered in the last 30s"),
+        ("jwks", s.auth.jwks_loaded(), "the token signing keys are not loaded"),
+    ];
+    let ready = checks.iter().all(|(_, ok, _)| *ok);
+    let detail: serde_json::Map<String, serde_json::Value> =
+        checks.iter().map(|(name, ok, why)| (name.to_string(), if *ok { json!("ok") } else { json!(why) })).collect();
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let body = json!({ "status": if ready { "ready" } else { "not_ready" }, "checks": detail });
+    (status, Json(body)).into_response()
+}
+
+async fn metrics(State(s): State<Arc<AdminState>>) -> Response {
+    s.cache.refresh_gauges().await;
+    let mut res = s.metrics.encode().into_response();
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
+    res
+}

@@ -1,0 +1,229 @@
+//! The JSON routes (SPEC section 5), byte-compatible with the Flask app's
+//! `GET /api/message_groups` and `GET /api/messages/{uuid}`.
+//!
+//! Every request: token -> `sub` -> `users.uuid` (403 when not provisioned) -> the caller's
+//! conversation list. A conversation the caller is not in is a 404, exactly like one that does
+//! not exist, so its existence is not revealed.
+
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{MatchedPath, Path, Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use serde::Deserialize;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::limit::RequestBodyLimitLayer;
+use tower_http::timeout::TimeoutLayer;
+
+use super::auth::Authenticator;
+use super::error::{bodyless_errors_as_json, ApiError};
+use super::{cursor, flask_json};
+use crate::cache::Cache;
+use crate::metrics::{HttpLabels, Metrics, RouteLabels};
+use crate::model::{ApiEntry, MessageGroupId, UserUuid};
+
+pub const DEFAULT_LIMIT: usize = 20;
+pub const MAX_LIMIT: usize = 100;
+/// GETs carry no body; anything beyond this is refused with 413.
+pub const MAX_BODY_BYTES: usize = 16 * 1024;
+
+pub const GROUPS_ROUTE: &str = "/api/message_groups";
+pub const MESSAGES_ROUTE: &str = "/api/messages/{message_group_uuid}";
+
+pub struct ApiState {
+    pub cache: Arc<Cache>,
+    pub auth: Arc<Authenticator>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// What the API router needs from the config.
+#[derive(Clone, Debug)]
+pub struct ApiOptions {
+    pub cors_allowed_origins: Vec<String>,
+    pub request_timeout: Duration,
+}
+
+pub fn router(state: Arc<ApiState>, opts: &ApiOptions) -> Router {
+    let mut router = Router::new()
+        .route(GROUPS_ROUTE, get(message_groups))
+        .route(MESSAGES_ROUTE, get(messages))
+        .fallback(|| async { ApiError::not_found("no such route") })
+        .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, opts.request_timeout))
+        .layer(RequestBodyLimitLayer::new(MAX_BODY_BYTES))
+        // outermost of the per-route layers, so timeouts and refusals are counted too
+        .layer(middleware::from_fn_with_state(state.clone(), observe));
+    if let Some(cors) = cors_layer(&opts.cors_allowed_origins) {
+        router = router.layer(cors);
+    }
+    router.layer(middleware::map_response(bodyless_errors_as_json)).with_state(state)
+}
+
+fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        // validate() accepted only well-formed origins, so none is dropped here in practice.
+        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([Method::GET, Method::OPTIONS])
+            .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE, header::IF_NONE_MATCH])
+            .expose_headers([header::ETAG, header::LINK])
+            .max_age(Duration::from_secs(600)),
+    )
+}
+
+/// Counts and times every request by route (the matched template, never the raw path).
+async fn observe(State(state): State<Arc<ApiState>>, req: Request, next: Next) -> Response {
+    let route = match req.extensions().get::<MatchedPath>().map(MatchedPath::as_str) {
+        Some(GROUPS_ROUTE) => GROUPS_ROUTE,
+        Some(MESSAGES_ROUTE) => MESSAGES_ROUTE,
+        _ => "other",
+    };
+    let started = Instant::now();
+    let res = next.run(req).await;
+    let m = &state.metrics;
+    m.http_requests.get_or_create(&HttpLabels { route, status: res.status().as_u16() }).inc();
+    m.http_request_duration_seconds.get_or_create(&RouteLabels { route }).observe(started.elapsed().as_secs_f64());
+    res
+}
+
+#[derive(Deserialize)]
+pub struct PageParams {
+    limit: Option<String>,
+    before: Option<String>,
+}
+
+fn parse_limit(raw: Option<&str>) -> Result<usize, ApiError> {
+    match raw {
+        None => Ok(DEFAULT_LIMIT),
+        Some(s) => match s.parse::<usize>() {
+            Ok(n) if (1..=MAX_LIMIT).contains(&n) => Ok(n),
+            _ => Err(ApiError::bad_request(format!("limit must be an integer from 1 to {MAX_LIMIT}"))),
+        },
+    }
+}
+
+fn params(q: Result<Query<PageParams>, QueryRejection>) -> Result<(usize, Option<String>), ApiError> {
+    let Query(p) = q.map_err(|_| ApiError::bad_request("the query string is not valid"))?;
+    Ok((parse_limit(p.limit.as_deref())?, p.before))
+}
+
+/// The caller's `users.uuid`, from the token.
+async fn caller(state: &ApiState, headers: &HeaderMap) -> Result<UserUuid, ApiError> {
+    let header = match headers.get(header::AUTHORIZATION) {
+        None => None,
+        Some(v) => Some(v.to_str().map_err(|_| ApiError::from(super::auth::AuthError::BadScheme))?),
+    };
+    let verified = state.auth.verify(header).await?;
+    state.cache.user(&verified.sub).await?.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::FORBIDDEN,
+            "user_not_provisioned",
+            "the token is valid but no Cruddur user is linked to it yet",
+        )
+    })
+}
+
+async fn message_groups(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    query: Result<Query<PageParams>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let (limit, before) = params(query)?;
+    let before = match before.as_deref() {
+        None => None,
+        Some(c) => Some(cursor::decode_group(c).ok_or_else(|| ApiError::bad_request("before is not a valid cursor"))?),
+    };
+    let user = caller(&state, &headers).await?;
+    let rows = state.cache.groups(user).await?;
+    let after_cursor = |g: &&crate::model::MessageGroup| match &before {
+        None => true,
+        Some((sk, id)) => g.sk < *sk || (g.sk == *sk && g.message_group_uuid > *id),
+    };
+    let mut page = rows.view().iter().filter(after_cursor);
+    let items: Vec<_> = page.by_ref().take(limit).collect();
+    let next = match (items.last(), page.next()) {
+        (Some(last), Some(_)) => Some(cursor::encode_group(&last.sk, last.message_group_uuid)),
+        _ => None,
+    };
+    let entries: Vec<ApiEntry> = items.iter().map(|g| g.api_entry()).collect();
+    Ok(json_page(&headers, &entries, next.map(|c| format!("{GROUPS_ROUTE}?limit={limit}&before={c}"))))
+}
+
+async fn messages(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    Path(group): Path<String>,
+    query: Result<Query<PageParams>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let group: MessageGroupId =
+        group.parse().map_err(|_| ApiError::bad_request("the message group id is not a uuid"))?;
+    let (limit, before) = params(query)?;
+    let before = match before.as_deref() {
+        None => None,
+        Some(c) => {
+            Some(cursor::decode_message(c).ok_or_else(|| ApiError::bad_request("before is not a valid cursor"))?)
+        }
+    };
+    let user = caller(&state, &headers).await?;
+    if !state.cache.groups(user).await?.contains_group(group) {
+        return Err(ApiError::not_found("no such conversation"));
+    }
+    let page = state.cache.messages_page(group, limit, before.as_ref()).await?;
+    let next = match (page.more, page.items.first()) {
+        (true, Some(oldest)) => Some(cursor::encode_message(&oldest.sk)),
+        _ => None,
+    };
+    let entries: Vec<ApiEntry> = page.items.iter().map(|m| m.api_entry()).collect();
+    Ok(json_page(&headers, &entries, next.map(|c| format!("/api/messages/{group}?limit={limit}&before={c}"))))
+}
+
+/// A 200 with ETag, Cache-Control and Link, or a 304 when the client already has it.
+fn json_page(headers: &HeaderMap, entries: &[ApiEntry], next: Option<String>) -> Response {
+    let body = flask_json::body(entries);
+    let etag = etag(&body);
+    let mut res = if if_none_match(headers, &etag) {
+        StatusCode::NOT_MODIFIED.into_response()
+    } else {
+        let mut r = body.into_response();
+        r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        r
+    };
+    let h = res.headers_mut();
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("private, no-store"));
+    if let Ok(v) = HeaderValue::from_str(&etag) {
+        h.insert(header::ETAG, v);
+    }
+    if let Some(Ok(v)) = next.map(|url| HeaderValue::from_str(&format!("<{url}>; rel=\"next\""))) {
+        h.insert(header::LINK, v);
+    }
+    res
+}
+
+/// A strong validator of the exact bytes (a keyed hash is not needed: it only has to change
+/// when the body does).
+fn etag(body: &[u8]) -> String {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    body.hash(&mut h);
+    format!("\"{:016x}{:08x}\"", h.finish(), body.len())
+}
+
+fn if_none_match(headers: &HeaderMap, etag: &str) -> bool {
+    headers
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.split(',').map(str::trim).any(|t| t == "*" || t == etag || t.strip_prefix("W/") == Some(etag)))
+}
