@@ -667,7 +667,7 @@ mod tests {
     async fn a_cached_token_is_refused_once_expired() {
         // No leeway, so a token past its exp is refused outright.
         let auth = auth_with_leeway(0);
-        let exp = unix_now() + 2;
+        let exp = unix_now() + 3;
         let header = format!("Bearer {}", sign(&access_claims(exp)));
         assert_eq!(auth.verify(Some(&header)).await.unwrap().sub.as_str(), "sub-1");
         assert_eq!(auth.verify(Some(&header)).await.unwrap().sub.as_str(), "sub-1");
