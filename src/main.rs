@@ -85,6 +85,12 @@ enum Cognito {
     ListUsers,
     /// Local emulator only: create the pool, app client and demo users
     Seed,
+    /// Local emulator only: print a token for a user (for curl against the API)
+    Token {
+        username: String,
+        #[arg(long, default_value = cruddur_syncd::demo::PASSWORD)]
+        password: String,
+    },
 }
 
 fn parse_rfc3339(s: &str) -> Result<DateTime<Utc>, String> {
@@ -158,6 +164,10 @@ async fn dispatch(command: Command, loaded: LoadedConfig) -> Result<u8, Error> {
             tools::cognito::list_users(cfg, &clients.cognito, cognito_ep, &mut out).await?
         }
         Command::Cognito(Cognito::Seed) => tools::cognito::seed(cfg, &clients.cognito, cognito_ep, &mut out).await?,
+        Command::Cognito(Cognito::Token { username, password }) => {
+            let token = tools::cognito::token(cfg, &clients.cognito, cognito_ep, &username, &password).await?;
+            out.text(&token)?
+        }
     }
     out.flush()?;
     Ok(0)

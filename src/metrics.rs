@@ -241,13 +241,40 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
-    /// The Prometheus text exposition of every family.
+    /// Every family in OpenMetrics text (what prometheus-client writes).
     pub fn encode(&self) -> String {
         let mut out = String::new();
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
+
+    /// Every family in the classic Prometheus text format (0.0.4), for scrapers and tools such
+    /// as `promtool check metrics` that do not speak OpenMetrics.
+    pub fn encode_prometheus(&self) -> String {
+        openmetrics_to_prometheus(&self.encode())
+    }
+}
+
+/// OpenMetrics names a counter family `x` and its sample `x_total`; the classic format names
+/// both `x_total`, and has no `# UNIT` or `# EOF` lines.
+pub fn openmetrics_to_prometheus(text: &str) -> String {
+    let counters: std::collections::HashSet<&str> =
+        text.lines().filter_map(|l| l.strip_prefix("# TYPE ")).filter_map(|l| l.strip_suffix(" counter")).collect();
+    let mut out = String::with_capacity(text.len());
+    for line in text.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters.contains(name).then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        out.push_str(renamed.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
 }
 
 #[cfg(test)]
@@ -270,5 +297,8 @@ mod tests {
         ] {
             assert!(text.contains(needle), "{needle} missing from\n{text}");
         }
+        let classic = m.encode_prometheus();
+        assert!(classic.contains("# TYPE cruddur_syncd_stream_records_total counter"), "{classic}");
+        assert!(!classic.contains("# EOF"));
     }
 }

@@ -402,12 +402,41 @@ async fn readiness_metrics_and_graceful_stop() {
         "cruddur_syncd_cache_weight_bytes",
         "cruddur_syncd_build_info",
     ] {
-        assert!(metrics.contains(&format!("# TYPE {family} ")), "{family} missing");
+        assert!(metrics.contains(&format!("# TYPE {family}")), "{family} missing");
     }
     let a = app.user("alice", None, true).await;
     app.get("/api/message_groups", &a.access_token).await;
     let m = app.metrics().await;
     assert!(m.contains("cruddur_syncd_http_requests_total{route=\"/api/message_groups\",status=\"200\"} 1"), "{m}");
     assert!(m.contains("cruddur_syncd_http_request_duration_seconds_count{route=\"/api/message_groups\"} 1"), "{m}");
+
+    // promtool (scripts/promtool provides it) accepts the exposition, lint included.
+    let promtool = concat!(env!("CARGO_MANIFEST_DIR"), "/.tools/promtool");
+    assert!(std::path::Path::new(promtool).exists(), "run scripts/promtool first (scripts/test does)");
+    let mut child = std::process::Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), m.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Prometheus itself asks for OpenMetrics and gets it.
+    let om = app
+        .http
+        .get(format!("{}/metrics", app.admin))
+        .header("Accept", "application/openmetrics-text; version=1.0.0")
+        .send()
+        .await
+        .unwrap();
+    assert!(om.headers()["content-type"].to_str().unwrap().starts_with("application/openmetrics-text"));
+    assert!(om.text().await.unwrap().ends_with("# EOF\n"));
     app.stop().await;
 }

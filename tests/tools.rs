@@ -326,6 +326,19 @@ async fn cognito_seed_is_idempotent_and_refuses_real_aws() {
     assert_eq!(second[0]["users_created"], 0);
     assert_eq!(second[0]["users_present"], 2);
 
+    // cognito token: a real access token for a demo user of that pool
+    let out = support::bin()
+        .arg("--config")
+        .arg(&env.config)
+        .args(["cognito", "token", "bayko"])
+        .env("CRUDDUR_SYNCD__AUTH__USER_POOL_ID", first[0]["user_pool_id"].as_str().unwrap())
+        .env("CRUDDUR_SYNCD__AUTH__CLIENT_ID", first[0]["client_id"].as_str().unwrap())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let token = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(token.trim().split('.').count(), 3, "{token}");
+
     let real = std::fs::read_to_string(&env.config)
         .unwrap()
         .replace(&format!("endpoint_url = \"{}\"\nemulator_credentials = true\n", env.moto), "");

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::State;
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -83,12 +83,20 @@ async fn readyz(State(s): State<Arc<AdminState>>) -> Response {
     (status, Json(body)).into_response()
 }
 
-async fn metrics(State(s): State<Arc<AdminState>>) -> Response {
+/// OpenMetrics for scrapers that ask for it (Prometheus does), the classic text format for
+/// everyone else.
+async fn metrics(State(s): State<Arc<AdminState>>, headers: HeaderMap) -> Response {
     s.cache.refresh_gauges().await;
-    let mut res = s.metrics.encode().into_response();
-    res.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
-    );
+    let openmetrics = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("application/openmetrics-text"));
+    let (body, content_type) = if openmetrics {
+        (s.metrics.encode(), "application/openmetrics-text; version=1.0.0; charset=utf-8")
+    } else {
+        (s.metrics.encode_prometheus(), "text/plain; version=0.0.4; charset=utf-8")
+    };
+    let mut res = body.into_response();
+    res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     res
 }

@@ -228,3 +228,29 @@ async fn find_client(client: &Client, endpoint: &str, pool_id: &str) -> Result<O
         }
     }
 }
+
+/// Local development only: a fresh access token for a pool user, to call the API with curl.
+pub async fn token(cfg: &Config, client: &Client, endpoint: &str, username: &str, password: &str) -> Result<String> {
+    if cfg.aws.cognito_endpoint().is_none() {
+        return Err(Error::Usage(
+            "cognito token only runs against a local emulator (set aws.endpoint_url or aws.cognito_endpoint_url)"
+                .into(),
+        ));
+    }
+    let out = client
+        .admin_initiate_auth()
+        .user_pool_id(&cfg.auth.user_pool_id)
+        .client_id(&cfg.auth.client_id)
+        .auth_flow(aws_sdk_cognitoidentityprovider::types::AuthFlowType::AdminUserPasswordAuth)
+        .auth_parameters("USERNAME", username)
+        .auth_parameters("PASSWORD", password)
+        .send()
+        .await
+        .map_err(|e| from_sdk(format!("Cognito AdminInitiateAuth for {username:?} at {endpoint}"), e))?;
+    out.authentication_result
+        .and_then(|r| match cfg.auth.token_use {
+            crate::config::TokenUse::Id => r.id_token,
+            _ => r.access_token,
+        })
+        .ok_or_else(|| Error::Failed(format!("Cognito at {endpoint} returned no token for {username:?}")))
+}
