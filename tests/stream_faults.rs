@@ -435,6 +435,24 @@ async fn a_disabled_stream_leaves_the_tailer_unready_until_a_new_one_appears() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_stream_enabled_after_start_is_a_gap_once_positioned() {
+    let source = ScriptedSource::new("arn:stream/1", &["s-0"]);
+    source.disable_stream();
+    let h = start(source);
+    wait_until(DEADLINE, "the tailer reports the disabled stream", || {
+        let s = h.status.borrow().clone();
+        async move { s.state == TailerState::StreamDisabled }
+    })
+    .await;
+    // Nothing was read yet, so nothing to flush yet; whatever the cache loads meanwhile is.
+    assert!(h.sink.gaps().is_empty());
+    h.source.replace_stream("arn:stream/2", &["t-0"]);
+    h.positioned().await;
+    assert_eq!(h.sink.gaps(), [GapReason::NewStream { old_arn: None, new_arn: "arn:stream/2".into() }]);
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_deleted_table_leaves_the_tailer_running_and_unready() {
     let h = start(ScriptedSource::new("arn:stream/1", &["s-0"]));
     h.positioned().await;

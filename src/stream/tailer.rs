@@ -143,6 +143,7 @@ impl<S: StreamSource> Tailer<S> {
             state: TailerState::Starting,
             current_arn: None,
             previous_arn: None,
+            stream_was_missing: false,
             view_type: None,
             tree: HashMap::new(),
             readers: HashMap::new(),
@@ -293,6 +294,9 @@ struct Coordinator<S, K> {
     current_arn: Option<String>,
     /// The stream read before the current one was lost: its return is a gap.
     previous_arn: Option<String>,
+    /// The table had no readable stream at some point since start (even before any stream was
+    /// read): the cache may have loaded items meanwhile that no stream record will correct.
+    stream_was_missing: bool,
     view_type: Option<String>,
     tree: HashMap<ShardId, ShardInfo>,
     readers: HashMap<ShardId, ReaderHandle>,
@@ -386,7 +390,9 @@ impl<S: StreamSource, K: ChangeSink> Coordinator<S, K> {
 
     /// One line per change of state, however often the same state is seen again.
     fn set_state(&mut self, state: TailerState) {
-        if self.state == state {
+        // Unavailable carries the latest error text; a new text is not a new state.
+        if std::mem::discriminant(&self.state) == std::mem::discriminant(&state) {
+            self.state = state;
             return;
         }
         match &state {
@@ -436,6 +442,7 @@ impl<S: StreamSource, K: ChangeSink> Coordinator<S, K> {
             Some(Err(err)) => return self.source_failed(&err),
             Some(Ok(TableStream::Enabled { arn, view_type })) => (arn, view_type),
             Some(Ok(lost @ (TableStream::Disabled | TableStream::TableMissing))) => {
+                self.stream_was_missing = true;
                 self.lose_stream().await;
                 self.sync_backoff.reset();
                 self.sync_failing = false;
@@ -501,8 +508,9 @@ impl<S: StreamSource, K: ChangeSink> Coordinator<S, K> {
     /// open shards at LATEST, closed ones ignored.
     fn position_fresh(&mut self, arn: String) {
         self.finished = self.tree.values().filter(|s| !s.is_open()).map(|s| s.id.clone()).collect();
-        if let Some(old) = self.previous_arn.take() {
-            self.pending_gap = Some(GapReason::NewStream { old_arn: Some(old), new_arn: arn.clone() });
+        let old_arn = self.previous_arn.take();
+        if old_arn.is_some() || std::mem::take(&mut self.stream_was_missing) {
+            self.pending_gap = Some(GapReason::NewStream { old_arn, new_arn: arn.clone() });
         }
         self.current_arn = Some(arn);
         let mut open: Vec<ShardId> = self.tree.values().filter(|s| s.is_open()).map(|s| s.id.clone()).collect();
