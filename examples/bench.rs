@@ -1,0 +1,190 @@
+//! Helpers for `scripts/bench-api` (run through it, not by hand):
+//!
+//! ```text
+//! bench ceiling <listen> <body-file>             a minimal hyper server answering every request with the body
+//! bench populate <config> <user-uuid> <n>        n extra conversations for a user (a realistic 5 KB list)
+//! bench freshness <config> <token> <group> <rate> <seconds>
+//!                                                PutItem acknowledged -> visible in the API, p50/p99
+//! bench memory <groups>                          RSS of the groups cache with that many cached users
+//! ```
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use chrono::Utc;
+use cruddur_syncd::cache::{Cache, Users};
+use cruddur_syncd::config::{self, CacheConfig};
+use cruddur_syncd::metrics::Metrics;
+use cruddur_syncd::model::{Message, MessageGroup, MessageGroupId, MessageId, Sk, UserUuid};
+use cruddur_syncd::store::Store;
+use http_body_util::Full;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use uuid::Uuid;
+
+type AnyResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+#[tokio::main]
+async fn main() -> AnyResult<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+        ["ceiling", listen, body] => ceiling(listen, body).await,
+        ["populate", cfg, user, n] => populate(cfg, user.parse()?, n.parse()?).await,
+        ["freshness", cfg, token, group, rate, secs] => {
+            freshness(cfg, token, group.parse()?, rate.parse()?, secs.parse()?).await
+        }
+        ["memory", n] => memory(n.parse()?).await,
+        _ => Err("usage: see the header of examples/bench.rs".into()),
+    }
+}
+
+/// The ceiling: the same bytes from the thinnest server hyper allows.
+async fn ceiling(listen: &str, body: &str) -> AnyResult<()> {
+    let body = Bytes::from(std::fs::read(body)?);
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let _ = stream.set_nodelay(true);
+        let body = body.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |_req: Request<hyper::body::Incoming>| {
+                let body = body.clone();
+                async move {
+                    Ok::<_, Infallible>(
+                        Response::builder()
+                            .header("content-type", "application/json")
+                            .body(Full::new(body))
+                            .unwrap_or_default(),
+                    )
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+        });
+    }
+}
+
+async fn store(cfg_path: &str) -> AnyResult<Store> {
+    let loaded = config::load(std::path::Path::new(cfg_path))?;
+    let clients = cruddur_syncd::aws::clients(&loaded.config.aws).await;
+    Ok(Store::new(clients.dynamodb, loaded.config.dynamodb.table.clone(), clients.endpoints.dynamodb))
+}
+
+fn group_row(owner: UserUuid, i: usize) -> MessageGroup {
+    MessageGroup {
+        owner,
+        sk: Sk::from_instant(Utc::now() - chrono::Duration::minutes(10 + i as i64)),
+        message_group_uuid: MessageGroupId(Uuid::new_v4()),
+        message: format!("Conversation {i}: see you at the watch club on Friday, bring the \"Rules\"."),
+        user_uuid: UserUuid(Uuid::new_v4()),
+        user_display_name: format!("Friend Number {i}"),
+        user_handle: format!("friend{i}"),
+    }
+}
+
+async fn populate(cfg: &str, user: Uuid, n: usize) -> AnyResult<()> {
+    let store = store(cfg).await?;
+    for i in 0..n {
+        store.put_if_absent(group_row(UserUuid(user), i).to_item()).await?;
+    }
+    println!("wrote {n} conversations for {user}");
+    Ok(())
+}
+
+/// Writes `rate` messages a second for `secs` seconds; for each, the time from PutItem's
+/// acknowledgement until `GET /api/messages/{group}` shows it.
+async fn freshness(cfg_path: &str, token: &str, group: Uuid, rate: u64, secs: u64) -> AnyResult<()> {
+    let loaded = config::load(std::path::Path::new(cfg_path))?;
+    let store = store(cfg_path).await?;
+    // The newest 100: at 50 writes/s a probe stays in that page for two seconds, far longer
+    // than it takes to appear.
+    let api = format!("http://{}/api/messages/{group}?limit=100", loaded.config.http.listen);
+    let http = reqwest::Client::new();
+    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate));
+    let mut probes = Vec::new();
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(secs) {
+        tick.tick().await;
+        let m = Message {
+            group: MessageGroupId(group),
+            sk: Sk::from_instant(Utc::now()),
+            message_uuid: MessageId(Uuid::new_v4()),
+            message: "freshness probe".into(),
+            user_uuid: UserUuid(Uuid::nil()),
+            user_display_name: "Bench".into(),
+            user_handle: "bench".into(),
+        };
+        let (store, http, api, token) = (store.clone(), http.clone(), api.clone(), token.to_string());
+        probes.push(tokio::spawn(async move {
+            let want = m.message_uuid.to_string();
+            store.client().put_item().table_name(store.table()).set_item(Some(m.to_item())).send().await.ok()?;
+            let acked = Instant::now();
+            while acked.elapsed() < Duration::from_secs(10) {
+                let res = http.get(&api).bearer_auth(&token).send().await.ok()?;
+                let body = res.text().await.ok()?;
+                if body.contains(&want) {
+                    return Some(acked.elapsed());
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            None
+        }));
+    }
+    let mut lat: Vec<Duration> = Vec::new();
+    let mut lost = 0;
+    for p in probes {
+        match p.await? {
+            Some(d) => lat.push(d),
+            None => lost += 1,
+        }
+    }
+    lat.sort();
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or_default()
+    };
+    println!(
+        "freshness: {} writes at {rate}/s for {secs}s; ack->visible p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; not seen within 10 s: {lost}",
+        lat.len(),
+        pct(0.50).as_secs_f64() * 1e3,
+        pct(0.99).as_secs_f64() * 1e3,
+        lat.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
+    );
+    Ok(())
+}
+
+fn rss_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm.split_whitespace().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
+    pages * 4096
+}
+
+/// The groups cache holding `n` users' lists of 5 conversations each, filled through the same
+/// entry path a load takes.
+async fn memory(n: usize) -> AnyResult<()> {
+    let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region("us-east-1")
+        .endpoint_url("http://127.0.0.1:1")
+        .test_credentials()
+        .load()
+        .await;
+    let store = Store::new(aws_sdk_dynamodb::Client::new(&sdk), "unused", "http://127.0.0.1:1");
+    let pool = sqlx::postgres::PgPoolOptions::new().connect_lazy("postgres://127.0.0.1:1/unused")?;
+    let cfg = CacheConfig { max_bytes: 8 << 30, ..CacheConfig::default() };
+    let cache = Arc::new(Cache::new(&cfg, store, Users { pool, target: "unused".into() }, Arc::new(Metrics::new())));
+    let before = rss_bytes();
+    for i in 0..n {
+        let user = UserUuid(Uuid::from_u128(i as u128 + 1));
+        cache.prime_groups(user, (0..5).map(|j| group_row(user, j)).collect()).await;
+    }
+    cache.refresh_gauges().await;
+    let after = rss_bytes();
+    println!(
+        "memory: {n} cached users x 5 conversations: RSS +{:.1} MiB = {} bytes per cached user ({} per conversation row); cached entries {}",
+        (after - before) as f64 / (1 << 20) as f64,
+        (after - before) / n as u64,
+        (after - before) / (n as u64 * 5),
+        cache.cached_groups(),
+    );
+    Ok(())
+}
