@@ -57,10 +57,22 @@ pub trait ChangeSink: Send + Sync + 'static {
 /// Why the tailer reported a gap.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GapReason {
-    TrimmedData { shard_id: String },
-    ShardVanished { shard_id: String },
-    NewStream { old_arn: Option<String>, new_arn: String },
+    TrimmedData {
+        shard_id: String,
+    },
+    ShardVanished {
+        shard_id: String,
+    },
+    NewStream {
+        old_arn: Option<String>,
+        new_arn: String,
+    },
     StreamDisabled,
+    /// A shard opened at LATEST lost its iterator before any record was read from it, so the
+    /// new LATEST may be past records written meanwhile.
+    IteratorExpired {
+        shard_id: String,
+    },
 }
 
 impl std::fmt::Display for GapReason {
@@ -77,6 +89,9 @@ impl std::fmt::Display for GapReason {
                 None => write!(f, "the table has a new stream {new_arn}"),
             },
             GapReason::StreamDisabled => write!(f, "the table's stream is disabled or the table is gone"),
+            GapReason::IteratorExpired { shard_id } => {
+                write!(f, "the iterator of shard {shard_id} expired before any record was read from it")
+            }
         }
     }
 }

@@ -759,6 +759,12 @@ impl<S: StreamSource, K: ChangeSink> Reader<S, K> {
                                 after = last_sequence.as_deref().unwrap_or("(nothing read yet)"),
                                 "iterator expired; getting a new one"
                             );
+                            if last_sequence.is_none() && matches!(self.origin, Origin::Start) {
+                                // A new LATEST iterator would skip whatever arrived after the
+                                // expired one's position: a possible gap.
+                                self.set_positioned(false);
+                                pending_gap = Some(GapReason::IteratorExpired { shard_id: self.shard.0.clone() });
+                            }
                         }
                         SourceError::TrimmedDataAccess(_) => {
                             tracing::warn!(shard = %self.shard, "records were trimmed before being read: {err}");
@@ -777,6 +783,10 @@ impl<S: StreamSource, K: ChangeSink> Reader<S, K> {
                                 iterator = Some(current);
                             } else {
                                 other_errors = 0;
+                                if last_sequence.is_none() && matches!(self.origin, Origin::Start) {
+                                    self.set_positioned(false);
+                                    pending_gap = Some(GapReason::IteratorExpired { shard_id: self.shard.0.clone() });
+                                }
                             }
                         }
                     }
