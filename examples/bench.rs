@@ -171,7 +171,13 @@ async fn memory(n: usize) -> AnyResult<()> {
     let store = Store::new(aws_sdk_dynamodb::Client::new(&sdk), "unused", "http://127.0.0.1:1");
     let pool = sqlx::postgres::PgPoolOptions::new().connect_lazy("postgres://127.0.0.1:1/unused")?;
     let cfg = CacheConfig { max_bytes: 8 << 30, ..CacheConfig::default() };
-    let cache = Arc::new(Cache::new(&cfg, store, Users { pool, target: "unused".into() }, Arc::new(Metrics::new())));
+    let cache = Arc::new(Cache::new(
+        &cfg,
+        Duration::from_secs(5),
+        store,
+        Users { pool, target: "unused".into() },
+        Arc::new(Metrics::new()),
+    ));
     let before = rss_bytes();
     for i in 0..n {
         let user = UserUuid(Uuid::from_u128(i as u128 + 1));

@@ -223,11 +223,19 @@ pub struct Cache {
     users_source: Users,
     window: usize,
     epoch: AtomicU64,
+    /// A miss gives up after this, so a hung dependency is a 503 inside the request timeout.
+    load_timeout: Duration,
     metrics: Arc<Metrics>,
 }
 
 impl Cache {
-    pub fn new(cfg: &CacheConfig, store: Store, users_source: Users, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        cfg: &CacheConfig,
+        load_timeout: Duration,
+        store: Store,
+        users_source: Users,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         // cache.max_bytes is the total; conversations take most of it, users are small.
         let total = cfg.max_bytes;
         let groups = Moka::builder()
@@ -253,6 +261,7 @@ impl Cache {
             users_source,
             window: cfg.messages_per_group as usize,
             epoch: AtomicU64::new(0),
+            load_timeout,
             metrics,
         }
     }
@@ -269,7 +278,16 @@ impl Cache {
         }
         self.count(CacheName::users, CacheResult::miss);
         // Concurrent misses for one sub share one query; errors are not cached.
-        self.users.try_get_with_by_ref(sub, self.users_source.lookup(sub)).await.map_err(|e| (*e).clone())
+        let lookup = async {
+            match tokio::time::timeout(self.load_timeout, self.users_source.lookup(sub)).await {
+                Ok(r) => r,
+                Err(_) => Err(CacheError::Unavailable(format!(
+                    "PostgreSQL at {} did not answer within {:?}",
+                    self.users_source.target, self.load_timeout
+                ))),
+            }
+        };
+        self.users.try_get_with_by_ref(sub, lookup).await.map_err(|e| (*e).clone())
     }
 
     /// Forgets mappings that reconciliation just changed, so they apply to the next request.
@@ -298,7 +316,7 @@ impl Cache {
                     if existing.is_some() {
                         return Op::Nop; // another request loaded it while we waited
                     }
-                    match store.group_rows(user).await {
+                    match bounded(self.load_timeout, store.group_rows(user)).await {
                         Ok((rows, misfits)) => {
                             report_misfits(&misfits);
                             let value = Arc::new(GroupRows::new(rows));
@@ -362,7 +380,7 @@ impl Cache {
                     }
                     // The whole conversation, ordered by instant: a Query in sk order cannot
                     // stop early on tables that mix timestamp spellings.
-                    match store.messages(group).await {
+                    match bounded(self.load_timeout, store.messages(group)).await {
                         Ok((all, misfits)) => {
                             report_misfits(&misfits);
                             let value = Arc::new(MessageWindow::from_all(all, size));
@@ -406,7 +424,9 @@ impl Cache {
         }
         // Beyond the window: read the conversation from DynamoDB (not cached; deep history is
         // rare and would evict the newest pages everyone reads).
-        let (all, misfits) = self.store.messages(group).await.map_err(|e| CacheError::Unavailable(e.to_string()))?;
+        let (all, misfits) = bounded(self.load_timeout, self.store.messages(group))
+            .await
+            .map_err(|e| CacheError::Unavailable(e.to_string()))?;
         report_misfits(&misfits);
         let candidates: Vec<Message> = all.into_iter().filter(|m| older(m)).collect();
         let skip = candidates.len().saturating_sub(limit);
@@ -513,6 +533,17 @@ impl ChangeSink for Cache {
 
     async fn gap(&self, reason: GapReason) {
         self.flush(&reason);
+    }
+}
+
+/// A store call that gives up after `limit`, as the same error a failed call gives.
+async fn bounded<T>(
+    limit: Duration,
+    call: impl std::future::Future<Output = crate::error::Result<T>>,
+) -> crate::error::Result<T> {
+    match tokio::time::timeout(limit, call).await {
+        Ok(r) => r,
+        Err(_) => Err(crate::error::Error::Unavailable(format!("DynamoDB did not answer within {limit:?}"))),
     }
 }
 

@@ -68,8 +68,10 @@ pub async fn start(loaded: &LoadedConfig) -> Result<Running> {
     })?;
 
     let store = Store::new(clients.dynamodb.clone(), cfg.dynamodb.table.clone(), clients.endpoints.dynamodb.clone());
-    let cache =
-        Arc::new(Cache::new(&cfg.cache, store, Users { pool: pool.clone(), target: target.clone() }, metrics.clone()));
+    // Misses give up before the request timeout so that a hung dependency is a 503, not a 408.
+    let load_timeout = cfg.http.request_timeout.mul_f64(0.8);
+    let users = Users { pool: pool.clone(), target: target.clone() };
+    let cache = Arc::new(Cache::new(&cfg.cache, load_timeout, store, users, metrics.clone()));
 
     let api_listener = bind("http.listen", cfg.http.listen).await?;
     let admin_listener = bind("admin.listen", cfg.admin.listen).await?;

@@ -440,3 +440,34 @@ async fn readiness_metrics_and_graceful_stop() {
     assert!(om.text().await.unwrap().ends_with("# EOF\n"));
     app.stop().await;
 }
+
+#[tokio::test]
+async fn dynamodb_down_misses_are_503_and_hits_are_still_served() {
+    let moto = support::moto_url();
+    let proxy = DelayProxy::start(&moto).await;
+    let app = App::start_with(Setup { dynamodb_endpoint: Some(proxy.url.clone()), ..Setup::default() }).await;
+    let a = app.user("alice", None, true).await;
+    let b = app.user("bob", None, true).await;
+    let group = MessageGroupId(Uuid::new_v4());
+    for row in group_rows(group, 10, &a, &b, "hi") {
+        app.put_group(&row).await;
+    }
+    assert_eq!(app.get("/api/message_groups", &a.access_token).await.status(), 200);
+    // Pooled connections of the daemon's client would survive a refusing listener; a delay
+    // longer than the SDK's attempt timeout makes them fail too.
+    proxy.set_down(true);
+    proxy.set_delay(Duration::from_secs(30));
+    let hit = app.get("/api/message_groups", &a.access_token).await;
+    assert_eq!(hit.status(), 200, "a cached list must be served while DynamoDB is down");
+    let miss = app.get("/api/message_groups", &b.access_token).await;
+    assert_eq!(miss.status(), 503);
+    let v: Value = miss.json().await.unwrap();
+    assert_eq!(v["error"], "unavailable");
+    proxy.set_delay(Duration::ZERO);
+    proxy.set_down(false);
+    support::wait_until(Duration::from_secs(30), "misses are served again", || async {
+        app.get("/api/message_groups", &b.access_token).await.status() == 200
+    })
+    .await;
+    app.stop().await;
+}

@@ -308,6 +308,7 @@ pub fn entries_json(entries: &[ApiEntry]) -> Vec<serde_json::Value> {
 pub struct DelayProxy {
     pub url: String,
     delay_ms: Arc<AtomicU64>,
+    down: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl DelayProxy {
@@ -316,9 +317,14 @@ impl DelayProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let delay_ms = Arc::new(AtomicU64::new(0));
-        let delay = delay_ms.clone();
+        let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (delay, is_down) = (delay_ms.clone(), down.clone());
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
+                if is_down.load(Ordering::Relaxed) {
+                    drop(client); // the upstream is "down": every connection is closed at once
+                    continue;
+                }
                 let (upstream, delay) = (upstream.clone(), delay.clone());
                 tokio::spawn(async move {
                     let Ok(server) = TcpStream::connect(&upstream).await else { return };
@@ -343,7 +349,13 @@ impl DelayProxy {
                 });
             }
         });
-        DelayProxy { url, delay_ms }
+        DelayProxy { url, delay_ms, down }
+    }
+
+    /// While down, new connections are closed at once (pooled ones are not cut: the SDK
+    /// notices on their next use).
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::Relaxed);
     }
 
     pub fn set_delay(&self, d: Duration) {
