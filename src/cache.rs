@@ -299,27 +299,47 @@ impl Cache {
 
     /// A user's conversation rows, loaded on a miss.
     pub async fn groups(&self, user: UserUuid) -> Result<Arc<GroupRows>, CacheError> {
-        if let Some(hit) = self.groups.get(&user).await {
-            self.count(CacheName::groups, CacheResult::hit);
+        self.get_or_load(&self.groups, CacheName::groups, user, || async {
+            let (rows, misfits) = self.store.group_rows(user).await?;
+            report_misfits(&misfits);
+            Ok(GroupRows::new(rows))
+        })
+        .await
+    }
+
+    /// A hit, or a load under the key's compute lock (the rule in the module docs): concurrent
+    /// misses wait for one load, and stream changes for the key wait until it is in place.
+    async fn get_or_load<K, V, F, Fut>(
+        &self,
+        cache: &Moka<K, Arc<V>>,
+        name: CacheName,
+        key: K,
+        load: F,
+    ) -> Result<Arc<V>, CacheError>
+    where
+        K: std::hash::Hash + Eq + Clone + std::fmt::Display + Send + Sync + 'static,
+        V: Send + Sync + 'static,
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = crate::error::Result<V>>,
+    {
+        if let Some(hit) = cache.get(&key).await {
+            self.count(name, CacheResult::hit);
             return Ok(hit);
         }
-        self.count(CacheName::groups, CacheResult::miss);
+        self.count(name, CacheResult::miss);
         let epoch = self.epoch.load(Ordering::Acquire);
-        let mut loaded: Option<Result<Arc<GroupRows>, CacheError>> = None;
-        let store = &self.store;
-        let result = self
-            .groups
-            .entry(user)
+        let mut loaded: Option<Result<Arc<V>, CacheError>> = None;
+        let result = cache
+            .entry(key.clone())
             .and_compute_with(|existing| {
                 let loaded = &mut loaded;
                 async move {
                     if existing.is_some() {
                         return Op::Nop; // another request loaded it while we waited
                     }
-                    match bounded(self.load_timeout, store.group_rows(user)).await {
-                        Ok((rows, misfits)) => {
-                            report_misfits(&misfits);
-                            let value = Arc::new(GroupRows::new(rows));
+                    match bounded(self.load_timeout, load()).await {
+                        Ok(v) => {
+                            let value = Arc::new(v);
                             *loaded = Some(Ok(value.clone()));
                             if self.epoch.load(Ordering::Acquire) == epoch {
                                 Op::Put(value)
@@ -339,7 +359,7 @@ impl Cache {
             (Some(value), _) => value,
             (None, Some(entry)) => Ok(entry.into_value()),
             // Nop on an absent entry without a load: cannot happen, but never panic for it.
-            (None, None) => Err(CacheError::Unavailable(format!("conversations of user {user} could not be loaded"))),
+            (None, None) => Err(CacheError::Unavailable(format!("{key} could not be loaded"))),
         }
     }
 
@@ -361,49 +381,14 @@ impl Cache {
 
     /// A conversation's newest messages, loaded on a miss.
     pub async fn window(&self, group: MessageGroupId) -> Result<Arc<MessageWindow>, CacheError> {
-        if let Some(hit) = self.messages.get(&group).await {
-            self.count(CacheName::messages, CacheResult::hit);
-            return Ok(hit);
-        }
-        self.count(CacheName::messages, CacheResult::miss);
-        let epoch = self.epoch.load(Ordering::Acquire);
-        let mut loaded: Option<Result<Arc<MessageWindow>, CacheError>> = None;
-        let (store, size) = (&self.store, self.window);
-        let result = self
-            .messages
-            .entry(group)
-            .and_compute_with(|existing| {
-                let loaded = &mut loaded;
-                async move {
-                    if existing.is_some() {
-                        return Op::Nop;
-                    }
-                    // The whole conversation, ordered by instant: a Query in sk order cannot
-                    // stop early on tables that mix timestamp spellings.
-                    match bounded(self.load_timeout, store.messages(group)).await {
-                        Ok((all, misfits)) => {
-                            report_misfits(&misfits);
-                            let value = Arc::new(MessageWindow::from_all(all, size));
-                            *loaded = Some(Ok(value.clone()));
-                            if self.epoch.load(Ordering::Acquire) == epoch {
-                                Op::Put(value)
-                            } else {
-                                Op::Nop
-                            }
-                        }
-                        Err(e) => {
-                            *loaded = Some(Err(CacheError::Unavailable(e.to_string())));
-                            Op::Nop
-                        }
-                    }
-                }
-            })
-            .await;
-        match (loaded, result.into_entry()) {
-            (Some(value), _) => value,
-            (None, Some(entry)) => Ok(entry.into_value()),
-            (None, None) => Err(CacheError::Unavailable(format!("messages of group {group} could not be loaded"))),
-        }
+        self.get_or_load(&self.messages, CacheName::messages, group, || async {
+            // The whole conversation, ordered by instant: a Query in sk order cannot stop
+            // early on tables that mix timestamp spellings.
+            let (all, misfits) = self.store.messages(group).await?;
+            report_misfits(&misfits);
+            Ok(MessageWindow::from_all(all, self.window))
+        })
+        .await
     }
 
     /// The newest `limit` messages strictly before `before` (all when `None`), oldest first.
