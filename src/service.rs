@@ -36,14 +36,17 @@ fn send(states: &[NotifyState]) {
     }
 }
 
-/// The watchdog interval systemd asked for (`WATCHDOG_USEC`, for this process), if any.
+/// The watchdog interval systemd asked for (`WATCHDOG_USEC`), if any. Like libsystemd's
+/// `sd_watchdog_enabled`, `WATCHDOG_PID` only has to match when it is set (sd-notify 0.4
+/// requires it, which a supervisor that sets only `WATCHDOG_USEC` would silently defeat).
 pub fn watchdog_timeout() -> Option<Duration> {
-    let mut usec = 0u64;
-    if sd_notify::watchdog_enabled(false, &mut usec) && usec > 0 {
-        Some(Duration::from_micros(usec))
-    } else {
-        None
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.trim().parse().ok()?;
+    if let Ok(pid) = std::env::var("WATCHDOG_PID") {
+        if pid.trim().parse::<u32>().ok()? != std::process::id() {
+            return None;
+        }
     }
+    (usec > 0).then(|| Duration::from_micros(usec))
 }
 
 /// What the daemon's loops look like from outside.
