@@ -615,6 +615,25 @@ mod tests {
         w.messages().iter().map(|m| m.message.clone()).collect()
     }
 
+    #[tokio::test]
+    async fn a_shorter_live_ttl_cuts_old_entries_short() {
+        let ttl = LiveTtl::new(Duration::from_secs(600));
+        let cache: Moka<u32, u32> = Moka::builder().expire_after(ttl.clone()).build();
+        cache.insert(1, 1).await;
+        ttl.set(Duration::from_millis(50));
+        cache.insert(2, 2).await; // written under the new TTL
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert_eq!(cache.get(&2).await, None);
+        // The old entry was scheduled for 10 minutes; the read that finds it too old is the last.
+        let _ = cache.get(&1).await;
+        assert_eq!(cache.get(&1).await, None);
+        // A longer TTL again: new entries live by it.
+        ttl.set(Duration::from_secs(600));
+        cache.insert(3, 3).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(cache.get(&3).await, Some(3));
+    }
+
     #[test]
     fn window_keeps_the_newest_and_knows_when_it_is_complete() {
         let w = MessageWindow::from_all((0..5).map(msg).collect(), 3);
