@@ -167,13 +167,77 @@ pub struct Page<T> {
     pub more: bool,
 }
 
+/// `cache.ttl`, changeable at run time (a reload). moka fixes an entry's expiry when it is
+/// written, so the TTL in force is applied in three places: at insert and at update (a stream
+/// change rewrites the entry and so restarts its TTL, as `time_to_live` would), and at every
+/// read, where an entry older than the current TTL is cut short. A shorter TTL therefore holds
+/// for old entries too: at worst an entry is served by the one read that finds it too old,
+/// and is gone for the next.
+#[derive(Clone, Debug)]
+pub struct LiveTtl(Arc<AtomicU64>);
+
+impl LiveTtl {
+    fn new(ttl: Duration) -> Self {
+        LiveTtl(Arc::new(AtomicU64::new(duration_ms(ttl))))
+    }
+
+    pub fn get(&self) -> Duration {
+        Duration::from_millis(self.0.load(Ordering::Acquire))
+    }
+
+    fn set(&self, ttl: Duration) {
+        self.0.store(duration_ms(ttl), Ordering::Release);
+    }
+
+    /// What is left of an entry written at `written` under the TTL in force.
+    fn clamp(&self, ttl: Duration, now: Instant, written: Instant, left: Option<Duration>) -> Option<Duration> {
+        let remaining = (written + ttl).saturating_duration_since(now);
+        Some(left.map_or(remaining, |l| l.min(remaining)))
+    }
+}
+
+fn duration_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+impl<K, V> Expiry<K, V> for LiveTtl {
+    fn expire_after_create(&self, _: &K, _: &V, _: Instant) -> Option<Duration> {
+        Some(self.get())
+    }
+
+    fn expire_after_update(&self, _: &K, _: &V, _: Instant, _: Option<Duration>) -> Option<Duration> {
+        Some(self.get())
+    }
+
+    fn expire_after_read(
+        &self,
+        _: &K,
+        _: &V,
+        now: Instant,
+        left: Option<Duration>,
+        written: Instant,
+    ) -> Option<Duration> {
+        self.clamp(self.get(), now, written, left)
+    }
+}
+
 struct UserExpiry {
-    positive: Duration,
+    positive: LiveTtl,
+}
+
+impl UserExpiry {
+    fn ttl(&self, v: &Option<UserUuid>) -> Duration {
+        if v.is_some() {
+            self.positive.get()
+        } else {
+            NEGATIVE_USER_TTL.min(self.positive.get())
+        }
+    }
 }
 
 impl Expiry<CognitoSub, Option<UserUuid>> for UserExpiry {
     fn expire_after_create(&self, _: &CognitoSub, v: &Option<UserUuid>, _: Instant) -> Option<Duration> {
-        Some(if v.is_some() { self.positive } else { NEGATIVE_USER_TTL })
+        Some(self.ttl(v))
     }
 
     fn expire_after_update(
@@ -184,6 +248,17 @@ impl Expiry<CognitoSub, Option<UserUuid>> for UserExpiry {
         _: Option<Duration>,
     ) -> Option<Duration> {
         self.expire_after_create(k, v, now)
+    }
+
+    fn expire_after_read(
+        &self,
+        _: &CognitoSub,
+        v: &Option<UserUuid>,
+        now: Instant,
+        left: Option<Duration>,
+        written: Instant,
+    ) -> Option<Duration> {
+        self.positive.clamp(self.ttl(v), now, written, left)
     }
 }
 
@@ -225,6 +300,7 @@ pub struct Cache {
     epoch: AtomicU64,
     /// A miss gives up after this, so a hung dependency is a 503 inside the request timeout.
     load_timeout: Duration,
+    ttl: LiveTtl,
     metrics: Arc<Metrics>,
 }
 
@@ -238,20 +314,21 @@ impl Cache {
     ) -> Self {
         // cache.max_bytes is the total; conversations take most of it, users are small.
         let total = cfg.max_bytes;
+        let ttl = LiveTtl::new(cfg.ttl);
         let groups = Moka::builder()
             .max_capacity(total * 2 / 5)
             .weigher(|_: &UserUuid, v: &Arc<GroupRows>| v.weight())
-            .time_to_live(cfg.ttl)
+            .expire_after(ttl.clone())
             .build();
         let messages = Moka::builder()
             .max_capacity(total / 2)
             .weigher(|_: &MessageGroupId, v: &Arc<MessageWindow>| v.weight())
-            .time_to_live(cfg.ttl)
+            .expire_after(ttl.clone())
             .build();
         let users = Moka::builder()
             .max_capacity(total / 10)
             .weigher(|k: &CognitoSub, _: &Option<UserUuid>| 96 + u32::try_from(k.0.len()).unwrap_or(u32::MAX))
-            .expire_after(UserExpiry { positive: cfg.ttl })
+            .expire_after(UserExpiry { positive: ttl.clone() })
             .build();
         Cache {
             groups,
@@ -262,8 +339,19 @@ impl Cache {
             window: cfg.messages_per_group as usize,
             epoch: AtomicU64::new(0),
             load_timeout,
+            ttl,
             metrics,
         }
+    }
+
+    /// Applies a new `cache.ttl` to every entry, old and new (see [`LiveTtl`]).
+    pub fn set_ttl(&self, ttl: Duration) {
+        self.ttl.set(ttl);
+    }
+
+    /// The `cache.ttl` in force.
+    pub fn ttl(&self) -> Duration {
+        self.ttl.get()
     }
 
     fn count(&self, cache: CacheName, result: CacheResult) {
@@ -557,6 +645,25 @@ mod tests {
 
     fn minutes(w: &MessageWindow) -> Vec<String> {
         w.messages().iter().map(|m| m.message.clone()).collect()
+    }
+
+    #[tokio::test]
+    async fn a_shorter_live_ttl_cuts_old_entries_short() {
+        let ttl = LiveTtl::new(Duration::from_secs(600));
+        let cache: Moka<u32, u32> = Moka::builder().expire_after(ttl.clone()).build();
+        cache.insert(1, 1).await;
+        ttl.set(Duration::from_millis(50));
+        cache.insert(2, 2).await; // written under the new TTL
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert_eq!(cache.get(&2).await, None);
+        // The old entry was scheduled for 10 minutes; the read that finds it too old is the last.
+        let _ = cache.get(&1).await;
+        assert_eq!(cache.get(&1).await, None);
+        // A longer TTL again: new entries live by it.
+        ttl.set(Duration::from_secs(600));
+        cache.insert(3, 3).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(cache.get(&3).await, Some(3));
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //!
 //! Shutdown order: /readyz turns 503 at once; the API stops accepting and drains in-flight
 //! requests for at most `http.shutdown_grace`; then the tailer, the pinger and the admin
-//! listener stop.
+//! listener stop, within [`STOP_DEADLINE`] (a task stuck in a hung call is abandoned), so that
+//! SIGTERM always ends the process within `http.shutdown_grace` + `STOP_DEADLINE`.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,16 +24,20 @@ use crate::config::LoadedConfig;
 use crate::error::{Error, Result};
 use crate::http::admin::{AdminState, PgHealth};
 use crate::http::api::{ApiOptions, ApiState};
-use crate::http::auth::Authenticator;
-use crate::http::{self, ServeOptions};
+use crate::http::auth::{AuthSlot, Authenticator};
+use crate::http::{self, Heartbeat, ServeOptions};
 use crate::metrics::Metrics;
+use crate::reload::Live;
 use crate::store::Store;
 use crate::stream::aws_source::AwsSource;
 use crate::stream::tailer::{Tailer, TailerStatus};
-use crate::{aws, pg};
+use crate::{aws, pg, reload, service};
 
 /// How often PostgreSQL is pinged for readiness (SPEC: it must have answered within 30 s).
 const PG_PING_INTERVAL: Duration = Duration::from_secs(10);
+/// How long stopping waits for the background tasks after the API drained; past it they are
+/// abandoned (the process exits around them).
+pub const STOP_DEADLINE: Duration = Duration::from_secs(5);
 
 /// A started daemon: where it listens, and the handle to stop it.
 pub struct Running {
@@ -41,6 +46,10 @@ pub struct Running {
     pub cache: Arc<Cache>,
     pub metrics: Arc<Metrics>,
     pub stream_status: watch::Receiver<TailerStatus>,
+    /// Beaten by the API's accept loop (the watchdog's view of it).
+    pub api_heartbeat: Arc<Heartbeat>,
+    /// What a config reload changes.
+    pub live: Arc<Live>,
     shutting_down: Arc<AtomicBool>,
     serving: CancellationToken,
     background: CancellationToken,
@@ -61,7 +70,7 @@ pub async fn start(loaded: &LoadedConfig) -> Result<Running> {
 
     let http_client =
         reqwest::Client::builder().build().map_err(|e| Error::Failed(format!("cannot build an HTTP client: {e}")))?;
-    let auth = Arc::new(Authenticator::new(&cfg.auth, http_client));
+    let auth = Authenticator::new(&cfg.auth, http_client.clone());
     auth.refresh_jwks().await.map_err(|e| match e {
         crate::http::auth::AuthError::JwksUnavailable { detail } => Error::Unavailable(detail),
         other => Error::Failed(format!("cannot load the JWKS from auth.jwks_url {}: {other}", cfg.auth.jwks_url)),
@@ -85,7 +94,12 @@ pub async fn start(loaded: &LoadedConfig) -> Result<Running> {
     let api_task = TaskTracker::new();
 
     let source = Arc::new(AwsSource::new(clients.dynamodb.clone(), clients.streams.clone()));
-    let tailer = Tailer::new(source, cfg.dynamodb.table.clone(), cfg.stream.clone(), metrics.clone());
+    // Live-reloadable settings travel in watch channels; the reconciliation scheduler reads
+    // `reconcile_rx`.
+    let (poll_tx, poll_rx) = watch::channel(cfg.stream.poll_interval);
+    let (reconcile_tx, _reconcile_rx) = watch::channel(cfg.reconcile.clone());
+    let tailer = Tailer::new(source, cfg.dynamodb.table.clone(), cfg.stream.clone(), metrics.clone())
+        .with_poll_interval(poll_rx);
     let stream_status = tailer.status();
     tasks.spawn(tailer.run(cache.clone(), background.child_token()));
     tasks.spawn(ping_postgres(pool, target, pg_health.clone(), background.child_token()));
@@ -95,23 +109,29 @@ pub async fn start(loaded: &LoadedConfig) -> Result<Running> {
         max_connections: cfg.http.max_connections as usize,
         shutdown_grace: cfg.http.shutdown_grace,
     };
-    let api = http::api::router(
-        Arc::new(ApiState { cache: cache.clone(), auth: auth.clone(), metrics: metrics.clone() }),
-        &ApiOptions {
-            cors_allowed_origins: cfg.http.cors_allowed_origins.clone(),
-            request_timeout: cfg.http.request_timeout,
-        },
-    );
-    api_task.spawn(http::serve(api_listener, api, serve_opts.clone(), serving.clone()));
+    let auth = Arc::new(AuthSlot::new(auth));
+    let api_state =
+        Arc::new(ApiState::new(cache.clone(), auth.clone(), metrics.clone(), &cfg.http.cors_allowed_origins));
+    let api = http::api::router(api_state.clone(), &ApiOptions { request_timeout: cfg.http.request_timeout });
+    let api_heartbeat = Arc::new(Heartbeat::default());
+    api_task.spawn(http::serve_with_heartbeat(
+        api_listener,
+        api,
+        serve_opts.clone(),
+        serving.clone(),
+        api_heartbeat.clone(),
+    ));
     let admin = http::admin::router(Arc::new(AdminState {
         metrics: metrics.clone(),
         cache: cache.clone(),
-        auth,
+        auth: auth.clone(),
         pg: pg_health,
         stream_status: stream_status.clone(),
         shutting_down: shutting_down.clone(),
     }));
     tasks.spawn(http::serve(admin_listener, admin, serve_opts, background.child_token()));
+    let live =
+        Arc::new(Live::new(cfg, api_state, auth, cache.clone(), metrics.clone(), poll_tx, reconcile_tx, http_client));
 
     tracing::info!(%api_addr, %admin_addr, table = %cfg.dynamodb.table, "serving");
     Ok(Running {
@@ -120,6 +140,8 @@ pub async fn start(loaded: &LoadedConfig) -> Result<Running> {
         cache,
         metrics,
         stream_status,
+        api_heartbeat,
+        live,
         shutting_down,
         serving,
         background,
@@ -129,15 +151,32 @@ pub async fn start(loaded: &LoadedConfig) -> Result<Running> {
 }
 
 impl Running {
-    /// Graceful stop; returns when every task has ended.
-    pub async fn stop(self) {
+    /// Graceful stop: the API drains for at most `http.shutdown_grace`, the other tasks get
+    /// [`STOP_DEADLINE`] more; returns false when some had to be abandoned.
+    pub async fn stop(self) -> bool {
         self.shutting_down.store(true, Ordering::Release);
         self.serving.cancel();
         self.api_task.close();
         self.api_task.wait().await;
         self.background.cancel();
         self.tasks.close();
-        self.tasks.wait().await;
+        if tokio::time::timeout(STOP_DEADLINE, self.tasks.wait()).await.is_err() {
+            tracing::warn!(
+                "{} background task(s) did not stop within {STOP_DEADLINE:?} (a hung call?); abandoning them",
+                self.tasks.len()
+            );
+            return false;
+        }
+        true
+    }
+
+    /// What the systemd supervisor watches.
+    pub fn probes(&self) -> service::Probes {
+        service::Probes {
+            stream: self.stream_status.clone(),
+            api: self.api_heartbeat.clone(),
+            cache: self.cache.clone(),
+        }
     }
 }
 
@@ -148,8 +187,14 @@ pub async fn run(loaded: LoadedConfig) -> Result<()> {
     }
     // Signals are watched before anything starts, so a SIGTERM during start-up is a clean stop.
     let signal = shutdown_signal()?;
+    let hup = reload::sighup()?;
     let running = start(&loaded).await?;
+    let supervisor = CancellationToken::new();
+    reload::spawn(loaded.path.clone(), running.live.clone(), hup, supervisor.clone());
+    tokio::spawn(service::supervise(running.probes(), supervisor.clone()));
     signal.await;
+    service::stopping();
+    supervisor.cancel();
     tracing::info!("shutdown requested; draining");
     running.stop().await;
     tracing::info!("stopped");

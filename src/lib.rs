@@ -30,6 +30,8 @@ pub mod logging;
 pub mod metrics;
 pub mod model;
 pub mod pg;
+pub mod reload;
+pub mod service;
 pub mod store;
 pub mod stream;
 pub mod tools;

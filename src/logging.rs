@@ -1,17 +1,40 @@
 //! Logging setup: text, JSON or journald, filtered by `log.level` unless `RUST_LOG` is set.
+//!
+//! The filter sits behind a `tracing_subscriber::reload` layer so that a config reload can
+//! change `log.level` of a running daemon ([`set_level`]); the format cannot change live.
+
+use std::sync::OnceLock;
 
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::{EnvFilter, Layer, Registry};
+use tracing_subscriber::{reload, EnvFilter, Layer, Registry};
 
 use crate::config::{LogConfig, LogFormat};
+
+/// The handle of the installed filter, and whether `RUST_LOG` chose it (then it stays).
+struct Installed {
+    handle: reload::Handle<EnvFilter, Registry>,
+    from_rust_log: bool,
+}
+
+static INSTALLED: OnceLock<Installed> = OnceLock::new();
+
+/// What [`set_level`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LevelChange {
+    Applied,
+    /// `RUST_LOG` is set and wins over `log.level`.
+    RustLogWins,
+    /// No subscriber of ours is installed (the library used in-process, e.g. by tests).
+    NotInstalled,
+}
 
 /// Installs the global subscriber. Logs go to stderr so that tool output on stdout stays
 /// machine-readable. Returns a note to log once logging is up (e.g. a journald fallback).
 pub fn init(cfg: &LogConfig) -> Option<String> {
-    let filter = match std::env::var("RUST_LOG") {
-        Ok(v) if !v.trim().is_empty() => EnvFilter::try_new(&v).unwrap_or_else(|_| EnvFilter::new(&cfg.level)),
-        _ => EnvFilter::try_new(&cfg.level).unwrap_or_else(|_| EnvFilter::new("info")),
+    let (filter, from_rust_log) = match std::env::var("RUST_LOG") {
+        Ok(v) if !v.trim().is_empty() => (EnvFilter::try_new(&v).unwrap_or_else(|_| EnvFilter::new(&cfg.level)), true),
+        _ => (EnvFilter::try_new(&cfg.level).unwrap_or_else(|_| EnvFilter::new("info")), false),
     };
     let mut note = None;
     let layer: Box<dyn Layer<Registry> + Send + Sync> = match cfg.format {
@@ -27,9 +50,23 @@ pub fn init(cfg: &LogConfig) -> Option<String> {
             }
         },
     };
+    let (filter, handle) = reload::Layer::new(filter);
     // A second init (tests calling in-process) keeps the first subscriber.
-    let _ = Registry::default().with(layer.with_filter(filter)).try_init();
+    if Registry::default().with(layer.with_filter(filter)).try_init().is_ok() {
+        let _ = INSTALLED.set(Installed { handle, from_rust_log });
+    }
     note
+}
+
+/// Replaces the filter with `level` (already validated as a filter by `config::validate`).
+pub fn set_level(level: &str) -> Result<LevelChange, String> {
+    let Some(installed) = INSTALLED.get() else { return Ok(LevelChange::NotInstalled) };
+    if installed.from_rust_log {
+        return Ok(LevelChange::RustLogWins);
+    }
+    let filter = EnvFilter::try_new(level).map_err(|e| format!("{level:?} is not a tracing filter: {e}"))?;
+    installed.handle.reload(filter).map_err(|e| format!("cannot change the log filter: {e}"))?;
+    Ok(LevelChange::Applied)
 }
 
 fn text_layer() -> Box<dyn Layer<Registry> + Send + Sync> {

@@ -117,7 +117,10 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_FAILURE);
         }
     };
-    match runtime.block_on(dispatch(cli.command.unwrap_or(Command::Run), loaded)) {
+    let result = runtime.block_on(dispatch(cli.command.unwrap_or(Command::Run), loaded));
+    // A task abandoned at shutdown (a hung call, a blocking DNS lookup) must not hold the exit.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    match result {
         Ok(code) => ExitCode::from(code),
         Err(Error::OutputClosed) => ExitCode::SUCCESS,
         Err(e) => {

@@ -13,7 +13,7 @@ use axum::{Json, Router};
 use serde_json::json;
 use tokio::sync::watch;
 
-use super::auth::Authenticator;
+use super::auth::AuthSlot;
 use crate::cache::Cache;
 use crate::metrics::Metrics;
 use crate::stream::tailer::TailerStatus;
@@ -52,7 +52,7 @@ impl PgHealth {
 pub struct AdminState {
     pub metrics: Arc<Metrics>,
     pub cache: Arc<Cache>,
-    pub auth: Arc<Authenticator>,
+    pub auth: Arc<AuthSlot>,
     pub pg: Arc<PgHealth>,
     /// The stream tailer's status; ready when it holds a position on every open shard.
     pub stream_status: watch::Receiver<TailerStatus>,
@@ -73,7 +73,7 @@ async fn readyz(State(s): State<Arc<AdminState>>) -> Response {
         ("shutdown", !s.shutting_down.load(Ordering::Acquire), "shutting down"),
         ("stream", s.stream_status.borrow().positioned, "the stream tailer is not positioned on every open shard"),
         ("postgres", s.pg.answered_within(POSTGRES_FRESHNESS), "PostgreSQL has not answered in the last 30s"),
-        ("jwks", s.auth.jwks_loaded(), "the token signing keys are not loaded"),
+        ("jwks", s.auth.current().jwks_loaded(), "the token signing keys are not loaded"),
     ];
     let ready = checks.iter().all(|(_, ok, _)| *ok);
     let detail: serde_json::Map<String, serde_json::Value> =

@@ -6,7 +6,7 @@
 //! not exist, so its existence is not revealed.
 
 use std::hash::{Hash, Hasher};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use axum::extract::rejection::QueryRejection;
@@ -17,11 +17,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use serde::Deserialize;
+use tower::{Layer, ServiceExt};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::TimeoutLayer;
 
-use super::auth::Authenticator;
+use super::auth::AuthSlot;
 use super::error::{bodyless_errors_as_json, ApiError};
 use super::{cursor, flask_json};
 use crate::cache::Cache;
@@ -38,30 +39,56 @@ pub const MESSAGES_ROUTE: &str = "/api/messages/{message_group_uuid}";
 
 pub struct ApiState {
     pub cache: Arc<Cache>,
-    pub auth: Arc<Authenticator>,
+    /// Swapped as a whole when a reload changes `[auth]`.
+    pub auth: Arc<AuthSlot>,
     pub metrics: Arc<Metrics>,
+    /// The CORS policy of `http.cors_allowed_origins`, consulted per request so that a reload
+    /// applies to the next request (`None`: no CORS headers at all).
+    cors: RwLock<Option<CorsLayer>>,
 }
 
-/// What the API router needs from the config.
+impl ApiState {
+    pub fn new(cache: Arc<Cache>, auth: Arc<AuthSlot>, metrics: Arc<Metrics>, cors_allowed_origins: &[String]) -> Self {
+        ApiState { cache, auth, metrics, cors: RwLock::new(cors_layer(cors_allowed_origins)) }
+    }
+
+    /// Replaces the CORS policy; the next request sees the new one.
+    pub fn set_cors_allowed_origins(&self, origins: &[String]) {
+        let layer = cors_layer(origins);
+        *self.cors.write().unwrap_or_else(|e| e.into_inner()) = layer;
+    }
+}
+
+/// What the API router needs from the config (CORS origins live in [`ApiState`]).
 #[derive(Clone, Debug)]
 pub struct ApiOptions {
-    pub cors_allowed_origins: Vec<String>,
     pub request_timeout: Duration,
 }
 
 pub fn router(state: Arc<ApiState>, opts: &ApiOptions) -> Router {
-    let mut router = Router::new()
+    Router::new()
         .route(GROUPS_ROUTE, get(message_groups))
         .route(MESSAGES_ROUTE, get(messages))
         .fallback(|| async { ApiError::not_found("no such route") })
         .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, opts.request_timeout))
         .layer(RequestBodyLimitLayer::new(MAX_BODY_BYTES))
         // outermost of the per-route layers, so timeouts and refusals are counted too
-        .layer(middleware::from_fn_with_state(state.clone(), observe));
-    if let Some(cors) = cors_layer(&opts.cors_allowed_origins) {
-        router = router.layer(cors);
+        .layer(middleware::from_fn_with_state(state.clone(), observe))
+        .layer(middleware::from_fn_with_state(state.clone(), cors))
+        .layer(middleware::map_response(bodyless_errors_as_json))
+        .with_state(state)
+}
+
+/// tower-http's CORS logic with the policy in force at this request.
+async fn cors(State(state): State<Arc<ApiState>>, req: Request, next: Next) -> Response {
+    let layer = state.cors.read().unwrap_or_else(|e| e.into_inner()).clone();
+    match layer {
+        None => next.run(req).await,
+        Some(layer) => match layer.layer(next).oneshot(req).await {
+            Ok(res) => res,
+            Err(never) => match never {},
+        },
     }
-    router.layer(middleware::map_response(bodyless_errors_as_json)).with_state(state)
 }
 
 fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
@@ -126,7 +153,7 @@ async fn caller(state: &ApiState, headers: &HeaderMap) -> Result<UserUuid, ApiEr
         None => None,
         Some(v) => Some(v.to_str().map_err(|_| ApiError::from(super::auth::AuthError::BadScheme))?),
     };
-    let verified = state.auth.verify(header).await?;
+    let verified = state.auth.current().verify(header).await?;
     state.cache.user(&verified.sub).await?.ok_or_else(|| {
         ApiError::new(
             StatusCode::FORBIDDEN,

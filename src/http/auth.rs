@@ -161,6 +161,25 @@ pub fn bearer_token(header_value: Option<&str>) -> Result<&str, AuthError> {
     Ok(token)
 }
 
+/// The authenticator in force, replaced as a whole when a reload changes `[auth]`: requests
+/// already verifying keep the one they started with.
+#[derive(Debug)]
+pub struct AuthSlot(std::sync::RwLock<Authenticator>);
+
+impl AuthSlot {
+    pub fn new(auth: Authenticator) -> Self {
+        AuthSlot(std::sync::RwLock::new(auth))
+    }
+
+    pub fn current(&self) -> Authenticator {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn replace(&self, auth: Authenticator) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = auth;
+    }
+}
+
 /// Verifies Cognito JWTs. Cheap to clone; clones share keys, cache and counters.
 #[derive(Clone)]
 pub struct Authenticator {

@@ -9,8 +9,9 @@ mod cursor;
 mod error;
 mod flask_json;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -30,9 +31,51 @@ pub struct ServeOptions {
     pub shutdown_grace: Duration,
 }
 
+/// How often a serving accept loop records that it is still turning.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// When a loop last made a turn: the accept loop beats it at least every
+/// [`HEARTBEAT_INTERVAL`] while it runs, so a stale one means the loop (or the runtime under it)
+/// is stuck. The systemd watchdog reads it.
+#[derive(Debug)]
+pub struct Heartbeat {
+    started: Instant,
+    /// Milliseconds since `started` of the last beat.
+    last_ms: AtomicU64,
+}
+
+impl Default for Heartbeat {
+    fn default() -> Self {
+        Heartbeat { started: Instant::now(), last_ms: AtomicU64::new(0) }
+    }
+}
+
+impl Heartbeat {
+    pub fn beat(&self) {
+        let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(ms, Ordering::Release);
+    }
+
+    /// Time since the last beat (since creation when it never beat).
+    pub fn age(&self) -> Duration {
+        self.started.elapsed().saturating_sub(Duration::from_millis(self.last_ms.load(Ordering::Acquire)))
+    }
+}
+
 /// Serves `router` until `shutdown` is cancelled, then stops accepting and lets in-flight
 /// requests finish for at most `shutdown_grace` before closing what is left.
 pub async fn serve(listener: TcpListener, router: Router, opts: ServeOptions, shutdown: CancellationToken) {
+    serve_with_heartbeat(listener, router, opts, shutdown, Arc::new(Heartbeat::default())).await
+}
+
+/// [`serve`], beating `heartbeat` from inside the accept loop while it runs.
+pub async fn serve_with_heartbeat(
+    listener: TcpListener,
+    router: Router,
+    opts: ServeOptions,
+    shutdown: CancellationToken,
+    heartbeat: Arc<Heartbeat>,
+) {
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(opts.header_read_timeout)
@@ -40,13 +83,19 @@ pub async fn serve(listener: TcpListener, router: Router, opts: ServeOptions, sh
         .max_headers(100);
     let graceful = GracefulShutdown::new();
     let slots = Arc::new(Semaphore::new(opts.max_connections.max(1)));
+    let mut ticker = tokio::time::interval(HEARTBEAT_INTERVAL);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    heartbeat.beat();
     loop {
-        // A free slot first: past the cap, connections wait in the kernel's backlog.
+        // A free slot first: past the cap, connections wait in the kernel's backlog. A full
+        // server still beats: it is busy, not stuck.
         let slot = tokio::select! {
             s = slots.clone().acquire_owned() => match s { Ok(s) => s, Err(_) => break },
+            _ = ticker.tick() => { heartbeat.beat(); continue; }
             _ = shutdown.cancelled() => break,
         };
         let stream = tokio::select! {
+            _ = ticker.tick() => { heartbeat.beat(); continue; }
             r = listener.accept() => match r {
                 Ok((stream, _)) => stream,
                 Err(e) => {

@@ -104,6 +104,7 @@ pub struct Tailer<S> {
     cfg: StreamConfig,
     metrics: Arc<Metrics>,
     status: watch::Sender<TailerStatus>,
+    poll_interval: watch::Receiver<Duration>,
 }
 
 impl<S: StreamSource> Tailer<S> {
@@ -118,7 +119,15 @@ impl<S: StreamSource> Tailer<S> {
             last_progress: Instant::now(),
             last_error: None,
         });
-        Tailer { source, table: table.into(), cfg, metrics, status }
+        let poll_interval = watch::channel(cfg.poll_interval).1;
+        Tailer { source, table: table.into(), cfg, metrics, status, poll_interval }
+    }
+
+    /// Follows `stream.poll_interval` from this channel instead of the value given to `new`:
+    /// every reader reads it anew at each wait, so a reload applies to the next empty poll.
+    pub fn with_poll_interval(mut self, poll_interval: watch::Receiver<Duration>) -> Self {
+        self.poll_interval = poll_interval;
+        self
     }
 
     /// The live status; `borrow().positioned` is the readiness of the stream.
@@ -137,6 +146,7 @@ impl<S: StreamSource> Tailer<S> {
             cfg: self.cfg,
             metrics: self.metrics,
             status: self.status,
+            poll_interval: self.poll_interval,
             epoch: Instant::now(),
             notify: Arc::new(Notify::new()),
             ages: Arc::new(AgeBoard::default()),
@@ -287,6 +297,7 @@ struct Coordinator<S, K> {
     cfg: StreamConfig,
     metrics: Arc<Metrics>,
     status: watch::Sender<TailerStatus>,
+    poll_interval: watch::Receiver<Duration>,
     epoch: Instant,
     notify: Arc<Notify>,
     ages: Arc<AgeBoard>,
@@ -550,7 +561,7 @@ impl<S: StreamSource, K: ChangeSink> Coordinator<S, K> {
             arn,
             shard: shard.clone(),
             origin,
-            poll_interval: self.cfg.poll_interval,
+            poll_interval: self.poll_interval.clone(),
             shared: Arc::clone(&shared),
             epoch: self.epoch,
             ages: Arc::clone(&self.ages),
@@ -649,7 +660,7 @@ struct Reader<S, K> {
     arn: String,
     shard: ShardId,
     origin: Origin,
-    poll_interval: Duration,
+    poll_interval: watch::Receiver<Duration>,
     shared: Arc<ReaderShared>,
     epoch: Instant,
     ages: Arc<AgeBoard>,
@@ -822,7 +833,8 @@ impl<S: StreamSource, K: ChangeSink> Reader<S, K> {
                 Some(next) => iterator = Some(next),
             }
             if empty {
-                next_call = next_call.max(Instant::now() + self.poll_interval);
+                let wait = *self.poll_interval.borrow();
+                next_call = next_call.max(Instant::now() + wait);
             }
         }
     }

@@ -1,0 +1,335 @@
+//! Live reload: the config file is watched (its directory, debounced, so an editor that writes
+//! a temporary file and renames it over the original is seen like an in-place write) and
+//! SIGHUP asks for the same reload.
+//!
+//! A reload reads and validates the whole file first (`config::load`, the same checks as at
+//! start). A file that fails is logged with every problem and counted
+//! (`config_reloads_total{result="failure"}`); nothing changes. A good one applies every live
+//! key at once ([`LIVE_KEYS`]) and names, in one warning, the changed keys that only a restart
+//! applies. A file deleted while the daemon runs keeps the running config, said once.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use notify_debouncer_mini::notify::{RecommendedWatcher, RecursiveMode};
+use notify_debouncer_mini::{new_debouncer, DebounceEventResult, Debouncer};
+use tokio::signal::unix::{signal, Signal, SignalKind};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::cache::Cache;
+use crate::config::{self, Config, ConfigError, ReconcileConfig};
+use crate::http::api::ApiState;
+use crate::http::auth::{AuthSlot, Authenticator};
+use crate::metrics::{Metrics, RunLabels, RunResult};
+use crate::{logging, service};
+
+/// Quiet time after the last change of the file before it is read.
+pub const DEBOUNCE: Duration = Duration::from_millis(300);
+/// How long a reload waits for a new `[auth]`'s JWKS before swapping it in anyway.
+const JWKS_FETCH_BOUND: Duration = Duration::from_secs(10);
+
+/// Keys a running daemon applies at once. A `section.*` entry covers the whole section. Every
+/// other key needs a restart.
+pub const LIVE_KEYS: &[&str] =
+    &["log.level", "http.cors_allowed_origins", "stream.poll_interval", "cache.ttl", "reconcile.*", "auth.*"];
+
+pub fn is_live(key: &str) -> bool {
+    LIVE_KEYS.iter().any(|k| match k.strip_suffix('*') {
+        Some(section) => key.starts_with(section),
+        None => *k == key,
+    })
+}
+
+/// Every `section.key` whose value differs between `a` and `b` (absent counts as a value).
+pub fn changed_keys(a: &Config, b: &Config) -> Vec<String> {
+    let table = |c: &Config| match toml::Value::try_from(c) {
+        Ok(toml::Value::Table(t)) => t,
+        _ => toml::Table::new(),
+    };
+    let (a, b) = (table(a), table(b));
+    let empty = toml::Table::new();
+    let mut sections: Vec<&String> = a.keys().chain(b.keys()).collect();
+    sections.sort();
+    sections.dedup();
+    let mut out = Vec::new();
+    for section in sections {
+        let sa = a.get(section).and_then(|v| v.as_table()).unwrap_or(&empty);
+        let sb = b.get(section).and_then(|v| v.as_table()).unwrap_or(&empty);
+        let mut keys: Vec<&String> = sa.keys().chain(sb.keys()).collect();
+        keys.sort();
+        keys.dedup();
+        for key in keys {
+            if sa.get(key) != sb.get(key) {
+                out.push(format!("{section}.{key}"));
+            }
+        }
+    }
+    out
+}
+
+/// The parts of a running daemon that a reload changes.
+pub struct Live {
+    pub api: Arc<ApiState>,
+    pub auth: Arc<AuthSlot>,
+    pub cache: Arc<Cache>,
+    pub metrics: Arc<Metrics>,
+    pub poll_interval: watch::Sender<Duration>,
+    /// Published for the reconciliation scheduler, which reads it before every run.
+    pub reconcile: watch::Sender<ReconcileConfig>,
+    pub http_client: reqwest::Client,
+    /// The config in force: the start-up one with every live key as the last good reload set it.
+    current: Mutex<Config>,
+}
+
+/// What a good reload did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Applied {
+    pub live: Vec<String>,
+    pub restart_required: Vec<String>,
+}
+
+impl Live {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        config: &Config,
+        api: Arc<ApiState>,
+        auth: Arc<AuthSlot>,
+        cache: Arc<Cache>,
+        metrics: Arc<Metrics>,
+        poll_interval: watch::Sender<Duration>,
+        reconcile: watch::Sender<ReconcileConfig>,
+        http_client: reqwest::Client,
+    ) -> Self {
+        Live { api, auth, cache, metrics, poll_interval, reconcile, http_client, current: Mutex::new(config.clone()) }
+    }
+
+    /// The config in force.
+    pub fn current(&self) -> Config {
+        self.current.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Applies every live key of `new` that differs from the config in force.
+    pub async fn apply(&self, new: &Config) -> Applied {
+        let old = self.current();
+        let mut applied = Applied::default();
+        for key in changed_keys(&old, new) {
+            if is_live(&key) {
+                applied.live.push(key);
+            } else {
+                applied.restart_required.push(key);
+            }
+        }
+        let changed = |prefix: &str| applied.live.iter().any(|k| k.starts_with(prefix));
+        if changed("log.level") {
+            match logging::set_level(&new.log.level) {
+                Ok(logging::LevelChange::RustLogWins) => {
+                    tracing::warn!("log.level changed but RUST_LOG is set and stays in force")
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!("log.level: {e}"),
+            }
+        }
+        if changed("http.cors_allowed_origins") {
+            self.api.set_cors_allowed_origins(&new.http.cors_allowed_origins);
+        }
+        if changed("stream.poll_interval") {
+            self.poll_interval.send_replace(new.stream.poll_interval);
+        }
+        if changed("cache.ttl") {
+            self.cache.set_ttl(new.cache.ttl);
+        }
+        if changed("reconcile.") {
+            self.reconcile.send_replace(new.reconcile.clone());
+        }
+        if changed("auth.") {
+            let auth = Authenticator::new(&new.auth, self.http_client.clone());
+            match tokio::time::timeout(JWKS_FETCH_BOUND, auth.refresh_jwks()).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(jwks_url = %new.auth.jwks_url, "the new [auth] is in force but its JWKS could not be loaded yet: {e}")
+                }
+                Err(_) => {
+                    tracing::warn!(jwks_url = %new.auth.jwks_url, "the new [auth] is in force but its JWKS did not load within {JWKS_FETCH_BOUND:?}")
+                }
+            }
+            self.auth.replace(auth);
+        }
+        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        current.log.level = new.log.level.clone();
+        current.http.cors_allowed_origins = new.http.cors_allowed_origins.clone();
+        current.stream.poll_interval = new.stream.poll_interval;
+        current.cache.ttl = new.cache.ttl;
+        current.reconcile = new.reconcile.clone();
+        current.auth = new.auth.clone();
+        applied
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Trigger {
+    File,
+    Signal,
+}
+
+/// Catches SIGHUP from now on (its default action would end the process): call it before
+/// anything slow starts, then hand it to [`spawn`].
+pub fn sighup() -> crate::Result<Signal> {
+    signal(SignalKind::hangup()).map_err(|e| crate::Error::Failed(format!("cannot watch SIGHUP: {e}")))
+}
+
+/// Watches `path` and SIGHUP until `stop`, reloading on either.
+pub fn spawn(path: PathBuf, live: Arc<Live>, mut hup: Signal, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let watcher = watch_file(&path, tx);
+    tokio::spawn(async move {
+        let _watcher = watcher; // dropping it stops the watch
+        let mut reloader = Reloader { last_text: std::fs::read_to_string(&path).ok(), path, live, missing_said: false };
+        loop {
+            let trigger = tokio::select! {
+                _ = stop.cancelled() => return,
+                Some(()) = rx.recv() => Trigger::File,
+                _ = hup.recv() => Trigger::Signal,
+            };
+            reloader.reload(trigger).await;
+        }
+    })
+}
+
+/// The debounced watch of the file's directory; None (said in the log) when it cannot be set
+/// up, in which case SIGHUP still works.
+fn watch_file(path: &Path, tx: mpsc::UnboundedSender<()>) -> Option<Debouncer<RecommendedWatcher>> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = path.file_name()?.to_os_string();
+    let handler = move |res: DebounceEventResult| match res {
+        Ok(events) => {
+            // The file itself, or Kubernetes' `..data` symlink swap of a mounted ConfigMap.
+            let ours = events.iter().any(|e| {
+                e.path.file_name().is_some_and(|n| n == name.as_os_str() || n.to_string_lossy().starts_with("..data"))
+            });
+            if ours {
+                let _ = tx.send(());
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "watching the config file failed"),
+    };
+    let mut debouncer = match new_debouncer(DEBOUNCE, handler) {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch the config file; reload with SIGHUP");
+            return None;
+        }
+    };
+    if let Err(e) = debouncer.watcher().watch(&dir, RecursiveMode::NonRecursive) {
+        tracing::warn!(dir = %dir.display(), error = %e, "cannot watch the config directory; reload with SIGHUP");
+        return None;
+    }
+    tracing::debug!(dir = %dir.display(), "watching the config directory");
+    Some(debouncer)
+}
+
+struct Reloader {
+    path: PathBuf,
+    live: Arc<Live>,
+    /// The text last read, so that an event that changed nothing (a touch, the second half of
+    /// an editor's save) is not a reload.
+    last_text: Option<String>,
+    missing_said: bool,
+}
+
+impl Reloader {
+    async fn reload(&mut self, trigger: Trigger) {
+        let text = match std::fs::read_to_string(&self.path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && trigger == Trigger::File => {
+                if !self.missing_said {
+                    tracing::warn!(
+                        config = %self.path.display(),
+                        "the config file was removed; the running config stays in force"
+                    );
+                    self.missing_said = true;
+                }
+                return;
+            }
+            Err(e) => {
+                service::reloading();
+                self.fail(&ConfigError::Read { path: self.path.clone(), reason: e.to_string() }.to_string(), &[]);
+                return;
+            }
+        };
+        self.missing_said = false;
+        if trigger == Trigger::File && self.last_text.as_deref() == Some(text.as_str()) {
+            tracing::debug!(config = %self.path.display(), "config file event without a change");
+            return;
+        }
+        self.last_text = Some(text.clone());
+        service::reloading();
+        let how = if trigger == Trigger::Signal { "SIGHUP" } else { "file change" };
+        match config::load_from_str(&self.path, &text, std::env::vars()) {
+            Err(e) => {
+                let problems: Vec<String> = e.problems().iter().map(ToString::to_string).collect();
+                let headline = match &e {
+                    ConfigError::Invalid { problems, .. } => format!(
+                        "config reload ({how}) rejected: {} has {} problem(s); the running config stays in force",
+                        self.path.display(),
+                        problems.len()
+                    ),
+                    other => format!("config reload ({how}) rejected: {other}; the running config stays in force"),
+                };
+                self.fail(&headline, &problems);
+            }
+            Ok(loaded) => {
+                let applied = self.live.apply(&loaded.config).await;
+                if applied.live.is_empty() {
+                    tracing::info!(config = %self.path.display(), "config reloaded ({how}); no live key changed");
+                } else {
+                    tracing::info!(
+                        config = %self.path.display(),
+                        "config reloaded ({how}); applied {}",
+                        applied.live.join(", ")
+                    );
+                }
+                if !applied.restart_required.is_empty() {
+                    tracing::warn!("restart required: {}", applied.restart_required.join(", "));
+                }
+                self.live.metrics.config_reloads.get_or_create(&RunLabels { result: RunResult::success }).inc();
+                service::reloaded("serving; config reloaded");
+            }
+        }
+    }
+
+    fn fail(&self, headline: &str, problems: &[String]) {
+        tracing::error!("{headline}");
+        for p in problems {
+            tracing::error!("config problem: {p}");
+        }
+        self.live.metrics.config_reloads.get_or_create(&RunLabels { result: RunResult::failure }).inc();
+        service::reloaded("serving; the last config reload failed, the previous config stays in force");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn live_and_restart_keys_are_told_apart() {
+        let a = Config::default();
+        let mut b = a.clone();
+        b.http.cors_allowed_origins = vec!["http://a.example".into()];
+        b.cache.ttl = Duration::from_secs(5);
+        b.http.listen = "127.0.0.1:1".parse().unwrap();
+        b.dynamodb.table = "other".into();
+        b.aws.endpoint_url = Some("http://127.0.0.1:9".into());
+        b.reconcile.interval = Duration::from_secs(60);
+        let changed = changed_keys(&a, &b);
+        let (live, restart): (Vec<_>, Vec<_>) = changed.iter().partition(|k| is_live(k));
+        assert_eq!(live, ["cache.ttl", "http.cors_allowed_origins", "reconcile.interval"]);
+        assert_eq!(restart, ["aws.endpoint_url", "dynamodb.table", "http.listen"]);
+        assert!(changed_keys(&a, &a).is_empty());
+    }
+}

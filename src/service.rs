@@ -1,0 +1,181 @@
+//! Telling systemd the truth (sd_notify): `READY=1` once the listeners are bound and the stream
+//! tailer holds a position, `STATUS=` lines saying what the daemon is doing, `WATCHDOG=1` only
+//! while the stream loop and the HTTP accept loop make progress, `RELOADING=1`/`READY=1` around
+//! a reload and `STOPPING=1` at shutdown.
+//!
+//! Everything here is a no-op without `NOTIFY_SOCKET` (sd-notify checks it), so the daemon runs
+//! the same under a terminal, a container runtime or systemd.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sd_notify::NotifyState;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::cache::Cache;
+use crate::http::Heartbeat;
+use crate::stream::tailer::{TailerStatus, BACKOFF_CAP};
+
+/// The stream loop counts as stuck when its `last_progress` is older than this (or than the
+/// watchdog timeout, when that is longer). A healthy tailer moves it at least every
+/// `BACKOFF_CAP` (10 s) plus one call, so this leaves room for a slow call after a backoff.
+pub const STREAM_STALL_LIMIT: Duration = Duration::from_secs(30);
+/// The accept loop beats every second; this much silence means it (or the runtime) is stuck.
+pub const HTTP_STALL_LIMIT: Duration = Duration::from_secs(10);
+/// How often `STATUS=` is refreshed without a watchdog (with one: at every ping).
+pub const STATUS_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Set once `READY=1` went out: a reload only reports READY again after that.
+static READY_SENT: AtomicBool = AtomicBool::new(false);
+
+fn send(states: &[NotifyState]) {
+    if let Err(e) = sd_notify::notify(false, states) {
+        tracing::debug!(error = %e, "sd_notify failed");
+    }
+}
+
+/// The watchdog interval systemd asked for (`WATCHDOG_USEC`), if any. Like libsystemd's
+/// `sd_watchdog_enabled`, `WATCHDOG_PID` only has to match when it is set (sd-notify 0.4
+/// requires it, which a supervisor that sets only `WATCHDOG_USEC` would silently defeat).
+pub fn watchdog_timeout() -> Option<Duration> {
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.trim().parse().ok()?;
+    if let Ok(pid) = std::env::var("WATCHDOG_PID") {
+        if pid.trim().parse::<u32>().ok()? != std::process::id() {
+            return None;
+        }
+    }
+    (usec > 0).then(|| Duration::from_micros(usec))
+}
+
+/// What the daemon's loops look like from outside.
+#[derive(Clone)]
+pub struct Probes {
+    pub stream: watch::Receiver<TailerStatus>,
+    pub api: Arc<Heartbeat>,
+    pub cache: Arc<Cache>,
+}
+
+impl Probes {
+    /// "serving; 3 shards; 12,345 cached groups"
+    pub fn status_line(&self) -> String {
+        let shards = self.stream.borrow().shards_reading;
+        let groups = self.cache.cached_groups();
+        format!(
+            "serving; {} shard{}; {} cached group{}",
+            shards,
+            if shards == 1 { "" } else { "s" },
+            thousands(groups),
+            if groups == 1 { "" } else { "s" }
+        )
+    }
+
+    /// Why the daemon is not healthy, or None when both loops made progress recently.
+    pub fn stuck(&self, watchdog: Duration) -> Option<String> {
+        let stream_age = self.stream.borrow().last_progress.elapsed();
+        let stream_limit = STREAM_STALL_LIMIT.max(watchdog).max(BACKOFF_CAP * 2);
+        if stream_age > stream_limit {
+            return Some(format!("the stream loop made no progress for {}s", stream_age.as_secs()));
+        }
+        let api_age = self.api.age();
+        if api_age > HTTP_STALL_LIMIT.max(watchdog) {
+            return Some(format!("the HTTP accept loop made no progress for {}s", api_age.as_secs()));
+        }
+        None
+    }
+}
+
+/// Waits until the tailer is positioned (or `stop`), then sends `READY=1` with a status, and
+/// keeps the status and the watchdog going until `stop` is cancelled.
+pub async fn supervise(probes: Probes, stop: CancellationToken) {
+    send(&[NotifyState::Status("starting: positioning on the stream")]);
+    let mut stream = probes.stream.clone();
+    tokio::select! {
+        _ = stop.cancelled() => return,
+        r = stream.wait_for(|s| s.positioned) => if r.is_err() { return },
+    }
+    let status = probes.status_line();
+    send(&[NotifyState::Ready, NotifyState::Status(&status)]);
+    READY_SENT.store(true, Ordering::Release);
+    tracing::info!(status = %status, "ready");
+
+    let watchdog = watchdog_timeout();
+    let period = watchdog.map_or(STATUS_INTERVAL, |w| (w / 2).max(Duration::from_millis(10)));
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut was_stuck = false;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let status = probes.status_line();
+        match watchdog.map(|w| (w, probes.stuck(w))) {
+            None => send(&[NotifyState::Status(&status)]),
+            Some((_, None)) => {
+                if was_stuck {
+                    tracing::info!("the daemon's loops make progress again; watchdog pings resumed");
+                    was_stuck = false;
+                }
+                send(&[NotifyState::Status(&status), NotifyState::Watchdog]);
+            }
+            Some((_, Some(why))) => {
+                // No WATCHDOG=1: systemd restarts the service when its WatchdogSec runs out.
+                if !was_stuck {
+                    tracing::error!("{why}; withholding watchdog pings so that systemd restarts the daemon");
+                    was_stuck = true;
+                }
+                let status = format!("stuck: {why}");
+                send(&[NotifyState::Status(&status)]);
+            }
+        }
+    }
+}
+
+/// `RELOADING=1` with the `MONOTONIC_USEC` that systemd ≥ 253 wants for `Type=notify-reload`.
+pub fn reloading() {
+    match NotifyState::monotonic_usec_now() {
+        Ok(now) => send(&[NotifyState::Reloading, now, NotifyState::Status("reloading the config")]),
+        Err(_) => send(&[NotifyState::Reloading, NotifyState::Status("reloading the config")]),
+    }
+}
+
+/// `READY=1` after a reload (only once the daemon was ready in the first place).
+pub fn reloaded(status: &str) {
+    if READY_SENT.load(Ordering::Acquire) {
+        send(&[NotifyState::Ready, NotifyState::Status(status)]);
+    } else {
+        send(&[NotifyState::Status(status)]);
+    }
+}
+
+pub fn stopping() {
+    send(&[NotifyState::Stopping, NotifyState::Status("stopping: draining requests")]);
+}
+
+fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, ch) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(ch);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::thousands;
+
+    #[test]
+    fn thousands_separators() {
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(1000), "1,000");
+        assert_eq!(thousands(12_345), "12,345");
+        assert_eq!(thousands(1_234_567), "1,234,567");
+    }
+}

@@ -1,0 +1,598 @@
+//! Running as a service: the real binary under a fake systemd (a `NOTIFY_SOCKET` datagram socket
+//! of the test's own), live reload through the file and SIGHUP, bounded shutdown, exit codes.
+//! Everything runs against the real moto and PostgreSQL; slowness and hangs are made for real
+//! with a delaying TCP proxy in front of moto.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use aws_sdk_cognitoidentityprovider::types::{AuthFlowType, ExplicitAuthFlowsType, MessageActionType};
+use cruddur_syncd::config;
+use cruddur_syncd::store::Store;
+use cruddur_syncd::tools::{self, JsonLines};
+use support::app::DelayProxy;
+use support::TestDb;
+
+/// A Cognito pool with one provisioned user, a database, a table and a config file.
+struct Fixture {
+    dir: tempfile::TempDir,
+    config: PathBuf,
+    /// The config as written at start, to derive variants from.
+    base: toml::Table,
+    token: String,
+    db: Option<TestDb>,
+}
+
+impl Fixture {
+    /// `extra`: TOML sections merged key by key into the base config.
+    async fn new(extra: &str) -> Fixture {
+        let moto = support::moto_url();
+        let sdk = support::sdk_config(&moto).await;
+        let cognito = support::cognito_client(&sdk);
+        let pool_id = cognito
+            .create_user_pool()
+            .pool_name(support::unique("svc-"))
+            .send()
+            .await
+            .unwrap()
+            .user_pool
+            .unwrap()
+            .id
+            .unwrap();
+        let client_id = cognito
+            .create_user_pool_client()
+            .user_pool_id(&pool_id)
+            .client_name("svc-test")
+            .explicit_auth_flows(ExplicitAuthFlowsType::AllowAdminUserPasswordAuth)
+            .send()
+            .await
+            .unwrap()
+            .user_pool_client
+            .unwrap()
+            .client_id
+            .unwrap();
+        let db = TestDb::create().await;
+        let pg = sqlx::PgPool::connect(&db.url).await.unwrap();
+        sqlx::raw_sql(tools::db::SCHEMA).execute(&pg).await.unwrap();
+
+        let dir = tempfile::tempdir().unwrap();
+        let table = support::unique("svc-");
+        let path = support::write_config(dir.path(), &moto, &table, &db.url, &pool_id, &client_id);
+        let mut doc: toml::Table = std::fs::read_to_string(&path).unwrap().parse().unwrap();
+        merge(&mut doc, "[stream]\npoll_interval = \"100ms\"\nshard_sync_interval = \"2s\"\n[log]\nlevel = \"info\"\n");
+        merge(&mut doc, extra);
+        std::fs::write(&path, toml::to_string(&doc).unwrap()).unwrap();
+        let loaded = config::load(&path).unwrap();
+        let store = Store::new(support::ddb_client(&sdk), table, moto.clone());
+        tools::ddb::schema_load(&loaded.config, &store, &mut JsonLines::new(Vec::new())).await.unwrap();
+
+        // One user with a token and a users row, so that API requests go all the way through.
+        let handle = "svcuser";
+        cognito
+            .admin_create_user()
+            .user_pool_id(&pool_id)
+            .username(handle)
+            .message_action(MessageActionType::Suppress)
+            .send()
+            .await
+            .unwrap();
+        cognito
+            .admin_set_user_password()
+            .user_pool_id(&pool_id)
+            .username(handle)
+            .password("Testing123!")
+            .permanent(true)
+            .send()
+            .await
+            .unwrap();
+        let auth = cognito
+            .admin_initiate_auth()
+            .user_pool_id(&pool_id)
+            .client_id(&client_id)
+            .auth_flow(AuthFlowType::AdminUserPasswordAuth)
+            .auth_parameters("USERNAME", handle)
+            .auth_parameters("PASSWORD", "Testing123!")
+            .send()
+            .await
+            .unwrap()
+            .authentication_result
+            .unwrap();
+        let got = cognito.admin_get_user().user_pool_id(&pool_id).username(handle).send().await.unwrap();
+        let sub = got.user_attributes().iter().find(|a| a.name() == "sub").and_then(|a| a.value()).unwrap().to_string();
+        sqlx::query("INSERT INTO public.users (uuid, display_name, handle, email, cognito_user_id) VALUES ($1, 'S', $2, 's@example.com', $3)")
+            .bind(uuid::Uuid::new_v4())
+            .bind(handle)
+            .bind(&sub)
+            .execute(&pg)
+            .await
+            .unwrap();
+        pg.close().await;
+        Fixture { dir, config: path, base: doc, token: auth.access_token.unwrap(), db: Some(db) }
+    }
+
+    /// The base config with `extra` merged in, as TOML text.
+    fn variant(&self, extra: &str) -> String {
+        let mut doc = self.base.clone();
+        merge(&mut doc, extra);
+        toml::to_string(&doc).unwrap()
+    }
+
+    async fn finish(mut self) {
+        if let Some(db) = self.db.take() {
+            db.drop_db().await;
+        }
+    }
+}
+
+fn merge(doc: &mut toml::Table, extra: &str) {
+    let extra: toml::Table = extra.parse().unwrap();
+    for (section, keys) in extra {
+        let target = doc.entry(section).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        if let (Some(target), toml::Value::Table(keys)) = (target.as_table_mut(), keys) {
+            target.extend(keys);
+        }
+    }
+}
+
+/// What a fake systemd received on its notify socket, datagram by datagram, line by line.
+struct NotifySocket {
+    path: PathBuf,
+    lines: Arc<Mutex<Vec<(Instant, String)>>>,
+}
+
+impl NotifySocket {
+    fn bind(dir: &Path) -> NotifySocket {
+        let path = dir.join("notify.sock");
+        let sock = UnixDatagram::bind(&path).unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 4096];
+            while let Ok(n) = sock.recv(&mut buf) {
+                let now = Instant::now();
+                let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                let mut l = sink.lock().unwrap();
+                l.extend(text.lines().map(|line| (now, line.to_string())));
+            }
+        });
+        NotifySocket { path, lines }
+    }
+
+    fn lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap().iter().map(|(_, l)| l.clone()).collect()
+    }
+
+    fn times_of(&self, prefix: &str) -> Vec<Instant> {
+        self.lines.lock().unwrap().iter().filter(|(_, l)| l.starts_with(prefix)).map(|(t, _)| *t).collect()
+    }
+
+    fn position(&self, prefix: &str) -> Option<usize> {
+        self.lines().iter().position(|l| l.starts_with(prefix))
+    }
+
+    async fn wait_for(&self, prefix: &str, deadline: Duration) {
+        let what = format!("{prefix} arrives on the notify socket");
+        support::wait_until(deadline, &what, || async { self.position(prefix).is_some() }).await;
+    }
+}
+
+/// The daemon binary running `run`, its stderr collected line by line.
+struct Daemon {
+    child: Child,
+    log: Arc<Mutex<Vec<String>>>,
+    api: String,
+    admin: String,
+    http: reqwest::Client,
+}
+
+impl Daemon {
+    async fn spawn(config: &Path, env: &[(&str, &str)]) -> Daemon {
+        let mut cmd = support::bin();
+        cmd.arg("--config").arg(config).arg("run").stderr(Stdio::piped()).stdout(Stdio::null());
+        cmd.env_remove("NOTIFY_SOCKET").env_remove("WATCHDOG_USEC").env_remove("WATCHDOG_PID");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let sink = log.clone();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let mut d = Daemon { child, log, api: String::new(), admin: String::new(), http: reqwest::Client::new() };
+        let serving = d.wait_log("the daemon serves", Duration::from_secs(30), |l| l.contains("api_addr=")).await;
+        let field = |name: &str| -> String {
+            let rest = &serving[serving.find(name).unwrap() + name.len()..];
+            rest.split_whitespace().next().unwrap().to_string()
+        };
+        d.api = format!("http://{}", field("api_addr="));
+        d.admin = format!("http://{}", field("admin_addr="));
+        d
+    }
+
+    fn pid(&self) -> String {
+        self.child.id().to_string()
+    }
+
+    fn signal(&self, sig: &str) {
+        assert!(std::process::Command::new("kill").args([sig, &self.pid()]).status().unwrap().success());
+    }
+
+    fn log(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+
+    fn log_text(&self) -> String {
+        self.log().join("\n")
+    }
+
+    /// Waits for a stderr line matching `pred` and returns it; panics with the log otherwise.
+    async fn wait_log(&mut self, what: &str, deadline: Duration, pred: impl Fn(&str) -> bool) -> String {
+        let end = Instant::now() + deadline;
+        loop {
+            if let Some(l) = self.log().into_iter().find(|l| pred(l)) {
+                return l;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                // let the reader thread drain what is left
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                panic!("the daemon exited ({status}) before {what}:\n{}", self.log_text());
+            }
+            if Instant::now() > end {
+                panic!("timed out after {deadline:?} waiting until {what}:\n{}", self.log_text());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn wait_ready(&self) {
+        let url = format!("{}/readyz", self.admin);
+        support::wait_until(Duration::from_secs(30), "the daemon is ready", || async {
+            self.http.get(&url).send().await.is_ok_and(|r| r.status() == 200)
+        })
+        .await;
+    }
+
+    async fn reloads(&self, result: &str) -> f64 {
+        let text = self.http.get(format!("{}/metrics", self.admin)).send().await.unwrap().text().await.unwrap();
+        metric(&text, "cruddur_syncd_config_reloads_total", &format!("result=\"{result}\""))
+    }
+
+    async fn wait_reloads(&self, result: &str, n: f64) {
+        let what = format!("config_reloads_total{{result=\"{result}\"}} reaches {n}");
+        let end = Instant::now() + Duration::from_secs(15);
+        loop {
+            let got = self.reloads(result).await;
+            if got == n {
+                return;
+            }
+            assert!(got < n, "{what}: it is {got}\n{}", self.log_text());
+            if Instant::now() > end {
+                panic!("timed out waiting until {what} (it is {got}):\n{}", self.log_text());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Whether a CORS preflight from `origin` is allowed by the API.
+    async fn allows_origin(&self, origin: &str) -> bool {
+        let res = self
+            .http
+            .request(reqwest::Method::OPTIONS, format!("{}/api/message_groups", self.api))
+            .header("Origin", origin)
+            .header("Access-Control-Request-Method", "GET")
+            .header("Access-Control-Request-Headers", "authorization")
+            .send()
+            .await
+            .unwrap();
+        res.headers().get("access-control-allow-origin").and_then(|v| v.to_str().ok()) == Some(origin)
+    }
+
+    /// SIGTERM, then the exit status (bounded: the daemon must stop by itself).
+    async fn terminate(mut self) -> (Option<i32>, String) {
+        self.signal("-TERM");
+        let end = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                break s;
+            }
+            if Instant::now() > end {
+                let _ = self.child.kill();
+                panic!("the daemon did not exit within 30s of SIGTERM:\n{}", self.log_text());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        (status.code(), self.log_text())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn metric(text: &str, name: &str, needle: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l.contains(needle))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+// ---------------------------------------------------------------------------------------------
+// systemd notify protocol
+
+#[tokio::test(flavor = "multi_thread")]
+async fn notify_socket_gets_ready_status_watchdog_then_stopping() {
+    let fx = Fixture::new("").await;
+    let sock = NotifySocket::bind(fx.dir.path());
+    let path = sock.path.to_str().unwrap().to_string();
+    let daemon = Daemon::spawn(&fx.config, &[("NOTIFY_SOCKET", &path), ("WATCHDOG_USEC", "2000000")]).await;
+    sock.wait_for("WATCHDOG=1", Duration::from_secs(30)).await;
+    // READY only once the tailer is positioned, i.e. /readyz agrees by then.
+    let ready = daemon.http.get(format!("{}/readyz", daemon.admin)).send().await.unwrap();
+    assert_eq!(ready.status(), 200);
+    let ready_at = sock.position("READY=1").expect("READY=1");
+    let status_at = sock.position("STATUS=serving;").expect("a STATUS=serving line");
+    let watchdog_at = sock.position("WATCHDOG=1").unwrap();
+    assert!(ready_at < status_at && status_at < watchdog_at, "{:?}", sock.lines());
+    let status = &sock.lines()[status_at];
+    assert!(status.contains("1 shard;") && status.contains("cached group"), "{status}");
+    // At half of WATCHDOG_USEC (1 s): a few more within 4 s.
+    let before = sock.times_of("WATCHDOG=1").len();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let more = sock.times_of("WATCHDOG=1").len() - before;
+    assert!((2..=6).contains(&more), "{more} WATCHDOG=1 in 4s: {:?}", sock.lines());
+
+    let (code, log) = daemon.terminate().await;
+    assert_eq!(code, Some(0), "{log}");
+    let lines = sock.lines();
+    let stopping_at = lines.iter().position(|l| l == "STOPPING=1").unwrap_or_else(|| panic!("{lines:?}"));
+    assert!(stopping_at > watchdog_at);
+    assert!(!lines[stopping_at..].iter().any(|l| l == "WATCHDOG=1" || l == "READY=1"), "{lines:?}");
+    fx.finish().await;
+}
+
+/// The stream loop is wedged for real: DynamoDB Streams is reached through a proxy that, from
+/// some moment on, holds every answer back (with `aws.call_timeout` long enough that the SDK
+/// waits). The HTTP side stays healthy; the watchdog pings must stop all the same.
+#[tokio::test(flavor = "multi_thread")]
+async fn watchdog_stops_when_the_stream_loop_is_wedged() {
+    let proxy = DelayProxy::start(&support::moto_url()).await;
+    let fx = Fixture::new(&format!("[aws]\nstreams_endpoint_url = \"{}\"\ncall_timeout = \"10m\"\n", proxy.url)).await;
+    let sock = NotifySocket::bind(fx.dir.path());
+    let path = sock.path.to_str().unwrap().to_string();
+    let mut daemon = Daemon::spawn(&fx.config, &[("NOTIFY_SOCKET", &path), ("WATCHDOG_USEC", "2000000")]).await;
+    sock.wait_for("WATCHDOG=1", Duration::from_secs(30)).await;
+    proxy.set_delay(Duration::from_secs(3600));
+    let wedged_at = Instant::now();
+    // The tailer's loops stop turning; past the stall limit (30 s) the pings stop.
+    daemon
+        .wait_log("the watchdog gives up", Duration::from_secs(60), |l| l.contains("withholding watchdog pings"))
+        .await;
+    sock.wait_for("STATUS=stuck: the stream loop", Duration::from_secs(5)).await;
+    let stuck_seen = Instant::now();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let late: Vec<_> = sock.times_of("WATCHDOG=1").into_iter().filter(|t| *t > stuck_seen).collect();
+    assert!(late.is_empty(), "{} WATCHDOG=1 after the daemon said it is stuck", late.len());
+    // It kept pinging while the stall was younger than the limit.
+    let pinged_while_wedged = sock.times_of("WATCHDOG=1").into_iter().filter(|t| *t > wedged_at).count();
+    assert!(pinged_while_wedged >= 10, "{pinged_while_wedged}");
+    // HTTP still answers: only the stream loop is stuck.
+    assert_eq!(daemon.http.get(format!("{}/livez", daemon.admin)).send().await.unwrap().status(), 200);
+    // A wedged call must not hold the exit either.
+    let (code, log) = daemon.terminate().await;
+    assert_eq!(code, Some(0), "{log}");
+    fx.finish().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// live reload
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum How {
+    /// Truncate and write the same file (same inode).
+    Edit,
+    /// Write a temporary file beside it and rename it over the config (editors, config tools).
+    Replace,
+    /// Edit a file the watcher cannot see (the config path is a symlink into another
+    /// directory), then SIGHUP: only the signal can trigger this reload.
+    Sighup,
+}
+
+const BAD: &str = r#"
+[http]
+cors_allowed_origins = ["http://b.example", "not an origin"]
+[stream]
+poll_interval = "0s"
+[cache]
+bogus = 1
+"#;
+
+async fn reload_scenario(how: How) {
+    let fx = Fixture::new("").await;
+    // For SIGHUP the config path is a symlink into a directory nobody watches.
+    let (config_path, target) = if how == How::Sighup {
+        let elsewhere = fx.dir.path().join("elsewhere");
+        std::fs::create_dir(&elsewhere).unwrap();
+        let target = elsewhere.join("real.toml");
+        std::fs::copy(&fx.config, &target).unwrap();
+        let link = fx.dir.path().join("linked.toml");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        (link, target)
+    } else {
+        (fx.config.clone(), fx.config.clone())
+    };
+    let mut daemon = Daemon::spawn(&config_path, &[]).await;
+    daemon.wait_ready().await;
+    let write = |text: &str| match how {
+        How::Edit | How::Sighup => std::fs::write(&target, text).unwrap(),
+        How::Replace => {
+            let tmp = target.with_extension("toml.tmp");
+            std::fs::write(&tmp, text).unwrap();
+            std::fs::rename(&tmp, &target).unwrap();
+        }
+    };
+    let poke = |daemon: &Daemon| {
+        if how == How::Sighup {
+            daemon.signal("-HUP");
+        }
+    };
+    assert!(!daemon.allows_origin("http://a.example").await);
+    assert_eq!(daemon.reloads("success").await, 0.0);
+
+    // 1. valid: a new origin, a quieter log level, and a key that needs a restart
+    write(&fx.variant(
+        "[http]\ncors_allowed_origins = [\"http://a.example\"]\nrequest_timeout = \"7s\"\n[log]\nlevel = \"warn\"\n",
+    ));
+    poke(&daemon);
+    daemon.wait_reloads("success", 1.0).await;
+    assert!(daemon.allows_origin("http://a.example").await, "{}", daemon.log_text());
+    assert!(!daemon.allows_origin("http://b.example").await);
+    daemon
+        .wait_log("restart required is named", Duration::from_secs(5), |l| {
+            l.contains("restart required: http.request_timeout")
+        })
+        .await;
+
+    // 2. invalid: every problem logged, nothing changes
+    write(&fx.variant(BAD));
+    poke(&daemon);
+    daemon.wait_reloads("failure", 1.0).await;
+    daemon.wait_log("the last problem is logged", Duration::from_secs(5), |l| l.contains("cache.bogus")).await;
+    let log = daemon.log_text();
+    for key in ["http.cors_allowed_origins", "stream.poll_interval", "cache.bogus"] {
+        assert!(log.lines().any(|l| l.contains("config problem") && l.contains(key)), "{key} not named:\n{log}");
+    }
+    assert_eq!(daemon.reloads("success").await, 1.0);
+    assert!(daemon.allows_origin("http://a.example").await);
+    assert!(!daemon.allows_origin("http://b.example").await);
+    // level warn hid the info line of reload 1 (the failure's error lines came after it)
+    assert!(!log.contains("config reloaded"), "{log}");
+
+    // 3. valid again, back to info: the reload's own info line shows
+    write(&fx.variant("[http]\ncors_allowed_origins = [\"http://c.example\"]\n[log]\nlevel = \"info\"\n"));
+    poke(&daemon);
+    daemon.wait_reloads("success", 2.0).await;
+    daemon.wait_log("info is logged again", Duration::from_secs(5), |l| l.contains("config reloaded")).await;
+    assert!(daemon.allows_origin("http://c.example").await);
+    assert!(!daemon.allows_origin("http://a.example").await);
+    assert_eq!(daemon.reloads("failure").await, 1.0);
+
+    let (code, log) = daemon.terminate().await;
+    assert_eq!(code, Some(0), "{log}");
+    fx.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reload_through_in_place_edit() {
+    reload_scenario(How::Edit).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reload_through_rename_over() {
+    reload_scenario(How::Replace).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reload_through_sighup() {
+    reload_scenario(How::Sighup).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn deleted_config_keeps_the_running_config_and_says_so_once() {
+    let fx = Fixture::new("[http]\ncors_allowed_origins = [\"http://a.example\"]\n").await;
+    let mut daemon = Daemon::spawn(&fx.config, &[]).await;
+    daemon.wait_ready().await;
+    assert!(daemon.allows_origin("http://a.example").await);
+    std::fs::remove_file(&fx.config).unwrap();
+    daemon.wait_log("the removal is logged", Duration::from_secs(10), |l| l.contains("config file was removed")).await;
+    // More events in the directory, none for a config: still one line, nothing reloaded.
+    std::fs::write(fx.dir.path().join("unrelated.txt"), "x").unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(daemon.allows_origin("http://a.example").await);
+    assert_eq!(daemon.log().iter().filter(|l| l.contains("config file was removed")).count(), 1);
+    assert_eq!(daemon.reloads("success").await + daemon.reloads("failure").await, 0.0);
+    // The file comes back with a change: that is a reload like any other.
+    std::fs::write(&fx.config, fx.variant("[http]\ncors_allowed_origins = [\"http://c.example\"]\n")).unwrap();
+    daemon.wait_reloads("success", 1.0).await;
+    assert!(daemon.allows_origin("http://c.example").await);
+    let (code, log) = daemon.terminate().await;
+    assert_eq!(code, Some(0), "{log}");
+    fx.finish().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// shutdown and start-up
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_drains_a_slow_request_and_refuses_new_connections() {
+    let proxy = DelayProxy::start(&support::moto_url()).await;
+    let fx = Fixture::new(&format!("[aws]\ndynamodb_endpoint_url = \"{}\"\n", proxy.url)).await;
+    let daemon = Daemon::spawn(&fx.config, &[]).await;
+    daemon.wait_ready().await;
+    // A cache miss now takes about 2 s: the Query's answer is held back by the proxy.
+    proxy.set_delay(Duration::from_secs(2));
+    let url = format!("{}/api/message_groups", daemon.api);
+    let (client, token) = (reqwest::Client::new(), fx.token.clone());
+    let in_flight = tokio::spawn(async move { client.get(url).bearer_auth(token).send().await });
+    let metrics_url = format!("{}/metrics", daemon.admin);
+    support::wait_until(Duration::from_secs(10), "the request misses the groups cache", || async {
+        let text = daemon.http.get(&metrics_url).send().await.unwrap().text().await.unwrap();
+        metric(&text, "cruddur_syncd_cache_requests_total", "cache=\"groups\",result=\"miss\"") >= 1.0
+    })
+    .await;
+    daemon.signal("-TERM");
+    // A new connection is refused while the slow one is still being served.
+    let api_addr = daemon.api.trim_start_matches("http://").to_string();
+    let end = Instant::now() + Duration::from_secs(5);
+    loop {
+        match std::net::TcpStream::connect(&api_addr) {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => break,
+            _ if Instant::now() > end => panic!("new connections were still accepted 5s after SIGTERM"),
+            _ => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+    assert!(!in_flight.is_finished(), "the slow request ended before new connections were refused");
+    let res = in_flight.await.unwrap().expect("the in-flight request was cut off");
+    assert_eq!(res.status(), 200);
+    let body: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(body, serde_json::json!([]));
+    let mut daemon = daemon;
+    let end = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = daemon.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < end, "no exit within 30s of SIGTERM:\n{}", daemon.log_text());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(status.code(), Some(0), "{}", daemon.log_text());
+    fx.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn invalid_config_at_start_exits_78_naming_every_problem() {
+    let fx = Fixture::new("").await;
+    std::fs::write(&fx.config, fx.variant(BAD)).unwrap();
+    let out = support::bin().arg("--config").arg(&fx.config).arg("run").output().unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for key in ["http.cors_allowed_origins", "stream.poll_interval", "cache.bogus"] {
+        assert!(stderr.contains(key), "{key} not named: {stderr}");
+    }
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    fx.finish().await;
+}
