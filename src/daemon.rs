@@ -7,6 +7,9 @@
 //! Shutdown order: /readyz turns 503 at once; the API stops accepting and drains in-flight
 //! requests for at most `http.shutdown_grace`; then the tailer, the pinger and the admin
 //! listener stop.
+//!
+//! Reconciliation runs on its own schedule in the background ([`crate::reconcile::schedule`]);
+//! its settings come through a watch channel so that a reload can change them between ticks.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,13 +22,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::cache::{Cache, Users};
-use crate::config::LoadedConfig;
+use crate::config::{LoadedConfig, ReconcileConfig};
 use crate::error::{Error, Result};
 use crate::http::admin::{AdminState, PgHealth};
 use crate::http::api::{ApiOptions, ApiState};
 use crate::http::auth::Authenticator;
 use crate::http::{self, ServeOptions};
 use crate::metrics::Metrics;
+use crate::reconcile::{self, Reconciler};
 use crate::store::Store;
 use crate::stream::aws_source::AwsSource;
 use crate::stream::tailer::{Tailer, TailerStatus};
@@ -41,6 +45,8 @@ pub struct Running {
     pub cache: Arc<Cache>,
     pub metrics: Arc<Metrics>,
     pub stream_status: watch::Receiver<TailerStatus>,
+    /// The reconcile settings the scheduler reads at every tick (a reload sends new ones).
+    pub reconcile_settings: watch::Sender<ReconcileConfig>,
     shutting_down: Arc<AtomicBool>,
     serving: CancellationToken,
     background: CancellationToken,
@@ -55,7 +61,7 @@ pub async fn start(loaded: &LoadedConfig) -> Result<Running> {
 
     let pg_opts = pg::options(&cfg.postgres)?;
     let target = pg::describe(&pg_opts);
-    let pool = pg::connect_with(&cfg.postgres, pg_opts).await?;
+    let pool = pg::connect_with(&cfg.postgres, pg_opts.clone()).await?;
     let pg_health = Arc::new(PgHealth::default());
     pg_health.record_ok();
 
@@ -87,6 +93,17 @@ pub async fn start(loaded: &LoadedConfig) -> Result<Running> {
     let stream_status = tailer.status();
     tasks.spawn(tailer.run(cache.clone(), background.child_token()));
     tasks.spawn(ping_postgres(pool, target, pg_health.clone(), background.child_token()));
+    // Always spawned: with `enabled = false` it only waits for a reload that turns it on.
+    let (reconcile_settings, settings_rx) = watch::channel(cfg.reconcile.clone());
+    let reconciler = Reconciler::new(
+        clients.cognito.clone(),
+        clients.endpoints.cognito.clone(),
+        cfg.auth.user_pool_id.clone(),
+        pg_opts,
+        cfg.postgres.connect_timeout,
+        Some(cache.clone()),
+    );
+    tasks.spawn(reconcile::schedule(reconciler, settings_rx, metrics.clone(), background.child_token()));
 
     let serve_opts = ServeOptions {
         header_read_timeout: cfg.http.header_read_timeout,
@@ -118,6 +135,7 @@ pub async fn start(loaded: &LoadedConfig) -> Result<Running> {
         cache,
         metrics,
         stream_status,
+        reconcile_settings,
         shutting_down,
         serving,
         background,
