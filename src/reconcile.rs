@@ -402,6 +402,12 @@ async fn apply_inner(
 
     let mut tx = conn.begin().await.map_err(|e| pg::query_error(target, "beginning the reconcile transaction", e))?;
 
+    // The hash joins and aggregates below hold every listed user: give them room to stay in
+    // memory for this transaction only (the default 4MB spills 100,000 users to disk).
+    sqlx::query("SET LOCAL work_mem = '64MB'")
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| pg::query_error(target, "setting work_mem", e))?;
     let columns: Vec<String> = sqlx::query_scalar(
         "SELECT column_name::text FROM information_schema.columns WHERE table_schema = 'public' AND table_name = 'users'",
     )
@@ -442,27 +448,36 @@ async fn apply_inner(
         .await
         .map_err(|e| pg::query_error(target, "analysing the Cognito users", e))?;
 
-    // One row per Cognito user with its outcome. `claims`: how many Cognito users carry a
-    // value; `matched`: how many rows have it (and, when exactly one, which and its sub).
+    // One row per Cognito user with its outcome. Both kinds of conflict are found by hashing
+    // once: values several Cognito users claim, and values several rows carry. A value in
+    // several rows is joined to none of them, so every Cognito user stays one plan row.
     let classify = format!(
         "CREATE TEMPORARY TABLE reconcile_plan ON COMMIT DROP AS
-         WITH claims AS (SELECT value, count(*) AS n FROM reconcile_cognito GROUP BY value),
-              matched AS (
-                SELECT u.{column} AS value, count(*) AS n,
-                       (array_agg(u.uuid))[1] AS uuid, (array_agg(u.cognito_user_id))[1] AS current
-                FROM public.users u JOIN claims c ON u.{column} = c.value
-                GROUP BY u.{column})
-         SELECT k.username, k.sub, k.value, m.uuid, m.current,
-                CASE WHEN m.n IS NULL THEN 'unmatched'
-                     WHEN c.n > 1 OR m.n > 1 THEN 'conflict'
-                     WHEN m.current IS NOT DISTINCT FROM k.sub THEN 'unchanged'
+         WITH shared_claims AS (SELECT value FROM reconcile_cognito GROUP BY value HAVING count(*) > 1),
+              shared_rows AS (
+                SELECT {column} AS value FROM public.users WHERE {column} IS NOT NULL
+                GROUP BY {column} HAVING count(*) > 1)
+         SELECT k.username, k.sub, k.value, u.uuid, u.cognito_user_id AS current,
+                CASE WHEN r.value IS NOT NULL THEN 'conflict'
+                     WHEN u.uuid IS NULL THEN 'unmatched'
+                     WHEN c.value IS NOT NULL THEN 'conflict'
+                     WHEN u.cognito_user_id IS NOT DISTINCT FROM k.sub THEN 'unchanged'
                      ELSE 'updated' END AS outcome
-         FROM reconcile_cognito k JOIN claims c USING (value) LEFT JOIN matched m USING (value)"
+         FROM reconcile_cognito k
+         LEFT JOIN shared_rows r ON r.value = k.value
+         LEFT JOIN public.users u ON r.value IS NULL AND u.{column} = k.value
+         LEFT JOIN shared_claims c ON c.value = k.value"
     );
     sqlx::query(&classify)
         .execute(&mut *tx)
         .await
         .map_err(|e| pg::query_error(target, "matching Cognito users to public.users", e))?;
+
+    // Without statistics the UPDATE below would be planned as 100,000 index lookups.
+    sqlx::query("ANALYZE reconcile_plan")
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| pg::query_error(target, "analysing the plan", e))?;
 
     // Only rows whose value differs are written (the plan says so; the WHERE makes sure).
     sqlx::query(
@@ -473,10 +488,15 @@ async fn apply_inner(
     .await
     .map_err(|e| pg::query_error(target, "updating public.users.cognito_user_id", e))?;
 
+    // Counts in one pass; the first names of each outcome by a top-N per outcome, not a sort of
+    // the whole plan.
     let counts: Vec<(String, i64, Vec<String>)> = sqlx::query_as(
-        "SELECT outcome, count(*), (array_agg(DISTINCT value ORDER BY value))[1:$1] FROM reconcile_plan GROUP BY outcome",
+        "SELECT o.outcome, o.n,
+                ARRAY(SELECT p.value FROM reconcile_plan p WHERE p.outcome = o.outcome
+                      GROUP BY p.value ORDER BY p.value LIMIT $1)
+         FROM (SELECT outcome, count(*) AS n FROM reconcile_plan GROUP BY outcome) o",
     )
-    .bind(REPORT_NAMES as i32)
+    .bind(REPORT_NAMES as i64)
     .fetch_all(&mut *tx)
     .await
     .map_err(|e| pg::query_error(target, "counting the outcomes", e))?;
