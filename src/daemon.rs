@@ -8,6 +8,9 @@
 //! requests for at most `http.shutdown_grace`; then the tailer, the pinger and the admin
 //! listener stop, within [`STOP_DEADLINE`] (a task stuck in a hung call is abandoned), so that
 //! SIGTERM always ends the process within `http.shutdown_grace` + `STOP_DEADLINE`.
+//!
+//! Reconciliation runs on its own schedule in the background ([`crate::reconcile::schedule`]);
+//! its settings come through a watch channel so that a reload can change them between ticks.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,6 +30,7 @@ use crate::http::api::{ApiOptions, ApiState};
 use crate::http::auth::{AuthSlot, Authenticator};
 use crate::http::{self, Heartbeat, ServeOptions};
 use crate::metrics::Metrics;
+use crate::reconcile::{self, Reconciler};
 use crate::reload::Live;
 use crate::store::Store;
 use crate::stream::aws_source::AwsSource;
@@ -48,7 +52,7 @@ pub struct Running {
     pub stream_status: watch::Receiver<TailerStatus>,
     /// Beaten by the API's accept loop (the watchdog's view of it).
     pub api_heartbeat: Arc<Heartbeat>,
-    /// What a config reload changes.
+    /// What a config reload changes (the reconcile settings among them).
     pub live: Arc<Live>,
     shutting_down: Arc<AtomicBool>,
     serving: CancellationToken,
@@ -64,7 +68,7 @@ pub async fn start(loaded: &LoadedConfig) -> Result<Running> {
 
     let pg_opts = pg::options(&cfg.postgres)?;
     let target = pg::describe(&pg_opts);
-    let pool = pg::connect_with(&cfg.postgres, pg_opts).await?;
+    let pool = pg::connect_with(&cfg.postgres, pg_opts.clone()).await?;
     let pg_health = Arc::new(PgHealth::default());
     pg_health.record_ok();
 
@@ -94,15 +98,24 @@ pub async fn start(loaded: &LoadedConfig) -> Result<Running> {
     let api_task = TaskTracker::new();
 
     let source = Arc::new(AwsSource::new(clients.dynamodb.clone(), clients.streams.clone()));
-    // Live-reloadable settings travel in watch channels; the reconciliation scheduler reads
-    // `reconcile_rx`.
+    // Live-reloadable settings travel in watch channels.
     let (poll_tx, poll_rx) = watch::channel(cfg.stream.poll_interval);
-    let (reconcile_tx, _reconcile_rx) = watch::channel(cfg.reconcile.clone());
+    let (reconcile_tx, reconcile_rx) = watch::channel(cfg.reconcile.clone());
     let tailer = Tailer::new(source, cfg.dynamodb.table.clone(), cfg.stream.clone(), metrics.clone())
         .with_poll_interval(poll_rx);
     let stream_status = tailer.status();
     tasks.spawn(tailer.run(cache.clone(), background.child_token()));
     tasks.spawn(ping_postgres(pool, target, pg_health.clone(), background.child_token()));
+    // Always spawned: with `enabled = false` it only waits for a reload that turns it on.
+    let reconciler = Reconciler::new(
+        clients.cognito.clone(),
+        clients.endpoints.cognito.clone(),
+        cfg.auth.user_pool_id.clone(),
+        pg_opts,
+        cfg.postgres.connect_timeout,
+        Some(cache.clone()),
+    );
+    tasks.spawn(reconcile::schedule(reconciler, reconcile_rx, metrics.clone(), background.child_token()));
 
     let serve_opts = ServeOptions {
         header_read_timeout: cfg.http.header_read_timeout,

@@ -15,6 +15,8 @@
 //! - [`model`]: what an item of the single table means, decoded the same way from a Query and
 //!   from a stream image.
 //! - [`store`]: the DynamoDB reads and writes, paginated to the end.
+//! - [`reconcile`]: Cognito `sub` -> `users.cognito_user_id`, set-based, one run at a time per
+//!   database across a fleet (advisory lock), on a schedule inside the daemon.
 //! - [`tools`]: the operator subcommands; [`check`]: the config and dependency report.
 //! - [`daemon`]: the `run` command.
 
@@ -30,6 +32,7 @@ pub mod logging;
 pub mod metrics;
 pub mod model;
 pub mod pg;
+pub mod reconcile;
 pub mod reload;
 pub mod service;
 pub mod store;

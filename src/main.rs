@@ -10,7 +10,7 @@ use cruddur_syncd::config::{self, LoadedConfig};
 use cruddur_syncd::error::{Error, EXIT_CONFIG, EXIT_FAILURE, EXIT_UNAVAILABLE};
 use cruddur_syncd::store::Store;
 use cruddur_syncd::tools::{self, JsonLines};
-use cruddur_syncd::{aws, check, daemon, logging};
+use cruddur_syncd::{aws, check, daemon, logging, reconcile};
 
 #[derive(Parser)]
 #[command(name = "cruddur-syncd", version, about = "Cache-sync daemon and operator tools for Cruddur messaging")]
@@ -37,6 +37,15 @@ enum Command {
     /// The Cognito user pool
     #[command(subcommand)]
     Cognito(Cognito),
+    /// Map Cognito subs into users.cognito_user_id now, and print the report
+    Reconcile {
+        /// Compute the report without writing anything
+        #[arg(long)]
+        dry_run: bool,
+        /// Print the report as one JSON object
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -170,6 +179,25 @@ async fn dispatch(command: Command, loaded: LoadedConfig) -> Result<u8, Error> {
         Command::Cognito(Cognito::Token { username, password }) => {
             let token = tools::cognito::token(cfg, &clients.cognito, cognito_ep, &username, &password).await?;
             out.text(&token)?
+        }
+        Command::Reconcile { dry_run, json } => {
+            let report = reconcile::run_once(cfg, &clients, dry_run).await?;
+            if json {
+                out.emit(&report)?;
+                out.flush()?;
+            } else {
+                drop(out);
+                let mut w = std::io::stdout().lock();
+                report.write_text(&mut w).map_err(tools::output_error)?;
+            }
+            if report.status == reconcile::Status::Skipped {
+                eprintln!(
+                    "cruddur-syncd: reconcile skipped: another instance holds the reconcile lock on {}; nothing was done, run it again when that run has finished",
+                    report.postgres
+                );
+                return Ok(EXIT_FAILURE);
+            }
+            return Ok(0);
         }
     }
     out.flush()?;

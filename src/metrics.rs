@@ -234,6 +234,9 @@ impl Metrics {
                 let _ = m.cache_requests.get_or_create(&CacheRequestLabels { cache, result });
             }
         }
+        for outcome in ["updated", "unchanged", "unmatched", "conflict", "skipped"] {
+            let _ = m.reconcile_users.get_or_create(&OutcomeLabels { outcome });
+        }
         for result in [RunResult::success, RunResult::failure, RunResult::skipped] {
             let _ = m.reconcile_runs.get_or_create(&RunLabels { result });
             let _ = m.config_reloads.get_or_create(&RunLabels { result });

@@ -73,6 +73,11 @@ pub fn query_error(target: &str, what: &str, e: sqlx::Error) -> Error {
         sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => {
             Error::Unavailable(format!("PostgreSQL at {target} stopped answering while {what}: {e}"))
         }
+        // Class 57 (operator intervention: shutdown, crash, not accepting connections) and
+        // class 08 (connection exception): the server is going away, not refusing the query.
+        sqlx::Error::Database(ref db) if db.code().is_some_and(|c| c.starts_with("57P") || c.starts_with("08")) => {
+            Error::Unavailable(format!("PostgreSQL at {target} went away while {what}: {}", db.message()))
+        }
         other => Error::Failed(format!("PostgreSQL at {target} failed while {what}: {other}")),
     }
 }

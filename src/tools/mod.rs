@@ -37,7 +37,8 @@ impl<W: Write> JsonLines<W> {
     }
 }
 
-fn output_error(e: std::io::Error) -> Error {
+/// A write error on stdout as the library error: a closed pipe is not a failure.
+pub fn output_error(e: std::io::Error) -> Error {
     if e.kind() == std::io::ErrorKind::BrokenPipe {
         Error::OutputClosed
     } else {
