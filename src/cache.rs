@@ -59,13 +59,24 @@ pub struct GroupRows {
     rows: BTreeMap<String, MessageGroup>,
     /// One row per conversation, newest first (SPEC section 2).
     view: Arc<[MessageGroup]>,
+    /// The rendered first page, made on first request: most clients only ever ask for it, and
+    /// any change builds a new `GroupRows`, so it cannot go stale.
+    first_page: std::sync::OnceLock<Rendered>,
+}
+
+/// A response body rendered once and served many times.
+#[derive(Debug, Clone)]
+pub struct Rendered {
+    pub body: bytes::Bytes,
+    pub etag: String,
+    pub next: Option<String>,
 }
 
 impl GroupRows {
     fn new(rows: impl IntoIterator<Item = MessageGroup>) -> Self {
         let rows: BTreeMap<String, MessageGroup> = rows.into_iter().map(|g| (g.sk.as_str().to_string(), g)).collect();
         let view = conversation_list(rows.values().cloned()).into();
-        GroupRows { rows, view }
+        GroupRows { rows, view, first_page: std::sync::OnceLock::new() }
     }
 
     fn with(&self, change: impl FnOnce(&mut BTreeMap<String, MessageGroup>)) -> Self {
@@ -76,6 +87,11 @@ impl GroupRows {
 
     pub fn view(&self) -> &[MessageGroup] {
         &self.view
+    }
+
+    /// The first page as `render` makes it from the view, rendered at most once per version.
+    pub fn first_page(&self, render: impl FnOnce(&[MessageGroup]) -> Rendered) -> &Rendered {
+        self.first_page.get_or_init(|| render(&self.view))
     }
 
     pub fn contains_group(&self, group: MessageGroupId) -> bool {

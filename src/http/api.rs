@@ -25,9 +25,9 @@ use tower_http::timeout::TimeoutLayer;
 use super::auth::AuthSlot;
 use super::error::{bodyless_errors_as_json, ApiError};
 use super::{cursor, flask_json};
-use crate::cache::Cache;
+use crate::cache::{Cache, Rendered};
 use crate::metrics::{HttpLabels, Metrics, RouteLabels};
-use crate::model::{ApiEntry, MessageGroupId, UserUuid};
+use crate::model::{ApiEntry, MessageGroup, MessageGroupId, Sk, UserUuid};
 
 pub const DEFAULT_LIMIT: usize = 20;
 pub const MAX_LIMIT: usize = 100;
@@ -175,18 +175,25 @@ async fn message_groups(
     };
     let user = caller(&state, &headers).await?;
     let rows = state.cache.groups(user).await?;
-    let after_cursor = |g: &&crate::model::MessageGroup| match &before {
+    if before.is_none() && limit == DEFAULT_LIMIT {
+        return Ok(respond(&headers, rows.first_page(|view| groups_page(view, limit, None))));
+    }
+    Ok(respond(&headers, &groups_page(rows.view(), limit, before.as_ref())))
+}
+
+fn groups_page(view: &[MessageGroup], limit: usize, before: Option<&(Sk, MessageGroupId)>) -> Rendered {
+    let after_cursor = |g: &&MessageGroup| match before {
         None => true,
         Some((sk, id)) => g.sk < *sk || (g.sk == *sk && g.message_group_uuid > *id),
     };
-    let mut page = rows.view().iter().filter(after_cursor);
+    let mut page = view.iter().filter(after_cursor);
     let items: Vec<_> = page.by_ref().take(limit).collect();
     let next = match (items.last(), page.next()) {
         (Some(last), Some(_)) => Some(cursor::encode_group(&last.sk, last.message_group_uuid)),
         _ => None,
     };
     let entries: Vec<ApiEntry> = items.iter().map(|g| g.api_entry()).collect();
-    Ok(json_page(&headers, &entries, next.map(|c| format!("{GROUPS_ROUTE}?limit={limit}&before={c}"))))
+    render(&entries, next.map(|c| format!("{GROUPS_ROUTE}?limit={limit}&before={c}")))
 }
 
 async fn messages(
@@ -214,26 +221,31 @@ async fn messages(
         _ => None,
     };
     let entries: Vec<ApiEntry> = page.items.iter().map(|m| m.api_entry()).collect();
-    Ok(json_page(&headers, &entries, next.map(|c| format!("/api/messages/{group}?limit={limit}&before={c}"))))
+    let link = next.map(|c| format!("/api/messages/{group}?limit={limit}&before={c}"));
+    Ok(respond(&headers, &render(&entries, link)))
+}
+
+/// The body, its validator and the next page's link.
+fn render(entries: &[ApiEntry], next: Option<String>) -> Rendered {
+    let body = flask_json::body(entries);
+    Rendered { etag: etag(&body), body: body.into(), next }
 }
 
 /// A 200 with ETag, Cache-Control and Link, or a 304 when the client already has it.
-fn json_page(headers: &HeaderMap, entries: &[ApiEntry], next: Option<String>) -> Response {
-    let body = flask_json::body(entries);
-    let etag = etag(&body);
-    let mut res = if if_none_match(headers, &etag) {
+fn respond(headers: &HeaderMap, page: &Rendered) -> Response {
+    let mut res = if if_none_match(headers, &page.etag) {
         StatusCode::NOT_MODIFIED.into_response()
     } else {
-        let mut r = body.into_response();
+        let mut r = page.body.clone().into_response();
         r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         r
     };
     let h = res.headers_mut();
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("private, no-store"));
-    if let Ok(v) = HeaderValue::from_str(&etag) {
+    if let Ok(v) = HeaderValue::from_str(&page.etag) {
         h.insert(header::ETAG, v);
     }
-    if let Some(Ok(v)) = next.map(|url| HeaderValue::from_str(&format!("<{url}>; rel=\"next\""))) {
+    if let Some(Ok(v)) = page.next.as_ref().map(|url| HeaderValue::from_str(&format!("<{url}>; rel=\"next\""))) {
         h.insert(header::LINK, v);
     }
     res
