@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use notify_debouncer_mini::notify::{RecommendedWatcher, RecursiveMode};
-use notify_debouncer_mini::{new_debouncer, DebounceEventResult, Debouncer};
+use notify::event::{AccessKind, AccessMode};
+use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -189,7 +189,11 @@ pub fn spawn(path: PathBuf, live: Arc<Live>, mut hup: Signal, stop: Cancellation
         loop {
             let trigger = tokio::select! {
                 _ = stop.cancelled() => return,
-                Some(()) = rx.recv() => Trigger::File,
+                Some(()) = rx.recv() => {
+                    // An editor's save is several events: act once they have settled.
+                    while let Ok(Some(())) = tokio::time::timeout(DEBOUNCE, rx.recv()).await {}
+                    Trigger::File
+                }
                 _ = hup.recv() => Trigger::Signal,
             };
             reloader.reload(trigger).await;
@@ -197,19 +201,24 @@ pub fn spawn(path: PathBuf, live: Arc<Live>, mut hup: Signal, stop: Cancellation
     })
 }
 
-/// The debounced watch of the file's directory; None (said in the log) when it cannot be set
-/// up, in which case SIGHUP still works.
-fn watch_file(path: &Path, tx: mpsc::UnboundedSender<()>) -> Option<Debouncer<RecommendedWatcher>> {
+/// The watch of the file's directory; None (said in the log) when it cannot be set up, in which
+/// case SIGHUP still works. Events are debounced by the reload loop.
+fn watch_file(path: &Path, tx: mpsc::UnboundedSender<()>) -> Option<RecommendedWatcher> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
     let name = path.file_name()?.to_os_string();
-    let handler = move |res: DebounceEventResult| match res {
-        Ok(events) => {
+    let handler = move |res: notify::Result<notify::Event>| match res {
+        Ok(event) => {
+            // Reading the file (the reload itself does) raises open and close events; only a
+            // change counts, or the reload would wake itself forever.
+            if matches!(event.kind, EventKind::Access(kind) if kind != AccessKind::Close(AccessMode::Write)) {
+                return;
+            }
             // The file itself, or Kubernetes' `..data` symlink swap of a mounted ConfigMap.
-            let ours = events.iter().any(|e| {
-                e.path.file_name().is_some_and(|n| n == name.as_os_str() || n.to_string_lossy().starts_with("..data"))
+            let ours = event.paths.iter().any(|p| {
+                p.file_name().is_some_and(|n| n == name.as_os_str() || n.to_string_lossy().starts_with("..data"))
             });
             if ours {
                 let _ = tx.send(());
@@ -217,19 +226,19 @@ fn watch_file(path: &Path, tx: mpsc::UnboundedSender<()>) -> Option<Debouncer<Re
         }
         Err(e) => tracing::warn!(error = %e, "watching the config file failed"),
     };
-    let mut debouncer = match new_debouncer(DEBOUNCE, handler) {
-        Ok(d) => d,
+    let mut watcher = match notify::recommended_watcher(handler) {
+        Ok(w) => w,
         Err(e) => {
             tracing::warn!(error = %e, "cannot watch the config file; reload with SIGHUP");
             return None;
         }
     };
-    if let Err(e) = debouncer.watcher().watch(&dir, RecursiveMode::NonRecursive) {
+    if let Err(e) = watcher.watch(&dir, RecursiveMode::NonRecursive) {
         tracing::warn!(dir = %dir.display(), error = %e, "cannot watch the config directory; reload with SIGHUP");
         return None;
     }
     tracing::debug!(dir = %dir.display(), "watching the config directory");
-    Some(debouncer)
+    Some(watcher)
 }
 
 struct Reloader {

@@ -540,10 +540,13 @@ async fn deleted_config_keeps_the_running_config_and_says_so_once() {
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_drains_a_slow_request_and_refuses_new_connections() {
     let proxy = DelayProxy::start(&support::moto_url()).await;
-    let fx = Fixture::new(&format!("[aws]\ndynamodb_endpoint_url = \"{}\"\n", proxy.url)).await;
+    // A request timeout well above the proxy's delay: misses give up at 0.8 of it.
+    let fx =
+        Fixture::new(&format!("[aws]\ndynamodb_endpoint_url = \"{}\"\n[http]\nrequest_timeout = \"20s\"\n", proxy.url))
+            .await;
     let daemon = Daemon::spawn(&fx.config, &[]).await;
     daemon.wait_ready().await;
-    // A cache miss now takes about 2 s: the Query's answer is held back by the proxy.
+    // A cache miss now takes a few seconds: every chunk of the Query's answer is held back.
     proxy.set_delay(Duration::from_secs(2));
     let url = format!("{}/api/message_groups", daemon.api);
     let (client, token) = (reqwest::Client::new(), fx.token.clone());
