@@ -81,6 +81,11 @@ pub fn router(state: Arc<ApiState>, opts: &ApiOptions) -> Router {
 
 /// tower-http's CORS logic with the policy in force at this request.
 async fn cors(State(state): State<Arc<ApiState>>, req: Request, next: Next) -> Response {
+    // CORS only concerns browsers, which always send Origin; API clients and probes skip the
+    // policy (and its per-request clone) altogether.
+    if !req.headers().contains_key(header::ORIGIN) {
+        return next.run(req).await;
+    }
     let layer = state.cors.read().unwrap_or_else(|e| e.into_inner()).clone();
     match layer {
         None => next.run(req).await,
