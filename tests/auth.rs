@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use aws_sdk_cognitoidentityprovider::types::{AuthFlowType, ExplicitAuthFlowsType, MessageActionType};
+use aws_sdk_cognitoidentityprovider::types::{AuthFlowType, MessageActionType};
 use base64::Engine as _;
 use cruddur_syncd::config::{AuthConfig, TokenUse};
 use cruddur_syncd::http::auth::{AuthError, Authenticator};
@@ -37,26 +37,8 @@ struct Pool {
 async fn pool() -> Pool {
     let moto = support::moto_url();
     let cognito = support::cognito_client(&support::sdk_config(&moto).await);
-    let pool_id = cognito
-        .create_user_pool()
-        .pool_name(support::unique("auth-"))
-        .send()
-        .await
-        .unwrap()
-        .user_pool
-        .and_then(|p| p.id)
-        .unwrap();
-    let client_id = cognito
-        .create_user_pool_client()
-        .user_pool_id(&pool_id)
-        .client_name("syncd-auth-test")
-        .explicit_auth_flows(ExplicitAuthFlowsType::AllowAdminUserPasswordAuth)
-        .send()
-        .await
-        .unwrap()
-        .user_pool_client
-        .and_then(|c| c.client_id)
-        .unwrap();
+    let pool_id = support::create_pool(&cognito, "auth-").await;
+    let client_id = support::create_app_client(&cognito, &pool_id, "syncd-auth-test").await;
     let (username, password) = ("andrew", "Passw0rd!-long-enough");
     cognito
         .admin_create_user()

@@ -13,16 +13,7 @@ use support::TestDb;
 async fn healthy(dir: &Path) -> (std::path::PathBuf, TestDb) {
     let moto = support::moto_url();
     let cognito = support::cognito_client(&support::sdk_config(&moto).await);
-    let pool_id = cognito
-        .create_user_pool()
-        .pool_name(support::unique("check-"))
-        .send()
-        .await
-        .unwrap()
-        .user_pool
-        .unwrap()
-        .id
-        .unwrap();
+    let pool_id = support::create_pool(&cognito, "check-").await;
     let db = TestDb::create().await;
     let config = support::write_config(dir, &moto, &support::unique("check-"), &db.url, &pool_id, "client");
     for args in [["ddb", "schema-load"], ["db", "schema-load"]] {

@@ -12,7 +12,7 @@ use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use aws_sdk_cognitoidentityprovider::types::{AuthFlowType, ExplicitAuthFlowsType, MessageActionType};
+use aws_sdk_cognitoidentityprovider::types::{AuthFlowType, MessageActionType};
 use cruddur_syncd::config;
 use cruddur_syncd::store::Store;
 use cruddur_syncd::tools::{self, JsonLines};
@@ -35,28 +35,8 @@ impl Fixture {
         let moto = support::moto_url();
         let sdk = support::sdk_config(&moto).await;
         let cognito = support::cognito_client(&sdk);
-        let pool_id = cognito
-            .create_user_pool()
-            .pool_name(support::unique("svc-"))
-            .send()
-            .await
-            .unwrap()
-            .user_pool
-            .unwrap()
-            .id
-            .unwrap();
-        let client_id = cognito
-            .create_user_pool_client()
-            .user_pool_id(&pool_id)
-            .client_name("svc-test")
-            .explicit_auth_flows(ExplicitAuthFlowsType::AllowAdminUserPasswordAuth)
-            .send()
-            .await
-            .unwrap()
-            .user_pool_client
-            .unwrap()
-            .client_id
-            .unwrap();
+        let pool_id = support::create_pool(&cognito, "svc-").await;
+        let client_id = support::create_app_client(&cognito, &pool_id, "svc-test").await;
         let db = TestDb::create().await;
         let pg = sqlx::PgPool::connect(&db.url).await.unwrap();
         sqlx::raw_sql(tools::db::SCHEMA).execute(&pg).await.unwrap();

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use aws_sdk_cognitoidentityprovider::types::{AttributeType, AuthFlowType, ExplicitAuthFlowsType, MessageActionType};
+use aws_sdk_cognitoidentityprovider::types::{AttributeType, AuthFlowType, MessageActionType};
 use aws_sdk_dynamodb::types::AttributeValue as V;
 use cruddur_syncd::config::{self, LoadedConfig};
 use cruddur_syncd::daemon::{self, Running};
@@ -64,28 +64,8 @@ impl App {
         let sdk = super::sdk_config(&moto).await;
         let ddb = super::ddb_client(&sdk);
         let cognito = super::cognito_client(&sdk);
-        let pool_id = cognito
-            .create_user_pool()
-            .pool_name(super::unique("api-"))
-            .send()
-            .await
-            .unwrap()
-            .user_pool
-            .unwrap()
-            .id
-            .unwrap();
-        let client_id = cognito
-            .create_user_pool_client()
-            .user_pool_id(&pool_id)
-            .client_name("api-test")
-            .explicit_auth_flows(ExplicitAuthFlowsType::AllowAdminUserPasswordAuth)
-            .send()
-            .await
-            .unwrap()
-            .user_pool_client
-            .unwrap()
-            .client_id
-            .unwrap();
+        let pool_id = super::create_pool(&cognito, "api-").await;
+        let client_id = super::create_app_client(&cognito, &pool_id, "api-test").await;
         let db = TestDb::create().await;
         let pg = sqlx::PgPool::connect(&db.url).await.unwrap();
         sqlx::raw_sql(tools::db::SCHEMA).execute(&pg).await.unwrap();

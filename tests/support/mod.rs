@@ -240,6 +240,26 @@ pub fn cognito_client(config: &SdkConfig) -> aws_sdk_cognitoidentityprovider::Cl
     aws_sdk_cognitoidentityprovider::Client::new(config)
 }
 
+/// A new user pool named `{prefix}<unique>`; its id.
+pub async fn create_pool(cognito: &aws_sdk_cognitoidentityprovider::Client, prefix: &str) -> String {
+    let out = cognito.create_user_pool().pool_name(unique(prefix)).send().await.unwrap();
+    out.user_pool.and_then(|p| p.id).expect("CreateUserPool returned no id")
+}
+
+/// An app client of `pool_id` that may sign in with ADMIN_USER_PASSWORD_AUTH (how tests mint
+/// tokens); its id.
+pub async fn create_app_client(cognito: &aws_sdk_cognitoidentityprovider::Client, pool_id: &str, name: &str) -> String {
+    let out = cognito
+        .create_user_pool_client()
+        .user_pool_id(pool_id)
+        .client_name(name)
+        .explicit_auth_flows(aws_sdk_cognitoidentityprovider::types::ExplicitAuthFlowsType::AllowAdminUserPasswordAuth)
+        .send()
+        .await
+        .unwrap();
+    out.user_pool_client.and_then(|c| c.client_id).expect("CreateUserPoolClient returned no id")
+}
+
 // ---------------------------------------------------------------------------------------------
 // PostgreSQL
 
