@@ -141,6 +141,7 @@ pub async fn start(loaded: &LoadedConfig) -> Result<Running> {
         pg: pg_health,
         stream_status: stream_status.clone(),
         shutting_down: shutting_down.clone(),
+        api_heartbeat: api_heartbeat.clone(),
     }));
     tasks.spawn(http::serve(admin_listener, admin, serve_opts, background.child_token()));
     let live =

@@ -370,8 +370,12 @@ async fn watchdog_stops_when_the_stream_loop_is_wedged() {
     // It kept pinging while the stall was younger than the limit.
     let pinged_while_wedged = sock.times_of("WATCHDOG=1").into_iter().filter(|t| *t > wedged_at).count();
     assert!(pinged_while_wedged >= 10, "{pinged_while_wedged}");
-    // HTTP still answers: only the stream loop is stuck.
-    assert_eq!(daemon.http.get(format!("{}/livez", daemon.admin)).send().await.unwrap().status(), 200);
+    // HTTP still answers, and liveness says what the watchdog says: the stream loop is stuck.
+    let live = daemon.http.get(format!("{}/livez", daemon.admin)).send().await.unwrap();
+    assert_eq!(live.status(), 503);
+    let body: serde_json::Value = live.json().await.unwrap();
+    assert_eq!(body["status"], "stuck");
+    assert!(body["reason"].as_str().unwrap().contains("stream loop"), "{body}");
     // A wedged call must not hold the exit either.
     let (code, log) = daemon.terminate().await;
     assert_eq!(code, Some(0), "{log}");

@@ -14,8 +14,10 @@ use serde_json::json;
 use tokio::sync::watch;
 
 use super::auth::AuthSlot;
+use super::Heartbeat;
 use crate::cache::Cache;
 use crate::metrics::Metrics;
+use crate::service::Probes;
 use crate::stream::tailer::TailerStatus;
 
 /// PostgreSQL counts as healthy for this long after its last answer (SPEC section 6).
@@ -58,14 +60,29 @@ pub struct AdminState {
     pub stream_status: watch::Receiver<TailerStatus>,
     /// Set when shutdown begins; readiness fails from then on.
     pub shutting_down: Arc<AtomicBool>,
+    /// Beaten by the API's accept loop; with the tailer's progress, what liveness looks at.
+    pub api_heartbeat: Arc<Heartbeat>,
 }
 
 pub fn router(state: Arc<AdminState>) -> Router {
     Router::new()
-        .route("/livez", get(|| async { Json(json!({ "status": "alive" })) }))
+        .route("/livez", get(livez))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(state)
+}
+
+/// 200 while the stream loop and the API's accept loop make progress (the same view as the
+/// systemd watchdog, without dependency checks): a wedged daemon is restarted by its
+/// orchestrator. A daemon that is shutting down is on its way out and stays "alive".
+async fn livez(State(s): State<Arc<AdminState>>) -> Response {
+    let probes = Probes { stream: s.stream_status.clone(), api: s.api_heartbeat.clone(), cache: s.cache.clone() };
+    match probes.stuck(Duration::ZERO) {
+        Some(why) if !s.shutting_down.load(Ordering::Acquire) => {
+            (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "stuck", "reason": why }))).into_response()
+        }
+        _ => Json(json!({ "status": "alive" })).into_response(),
+    }
 }
 
 async fn readyz(State(s): State<Arc<AdminState>>) -> Response {
