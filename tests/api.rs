@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use chrono::{TimeZone, Utc};
 use cruddur_syncd::demo;
-use cruddur_syncd::model::{ApiEntry, Message, MessageGroup, MessageGroupId, MessageId, Sk};
+use cruddur_syncd::model::{ApiEntry, Message, MessageGroup, MessageGroupId, Sk};
 use cruddur_syncd::tools::{self, JsonLines};
 use serde_json::Value;
 use support::app::{flask_render, App, DelayProxy, Setup};
@@ -21,15 +21,7 @@ fn sk_at(secs: i64) -> Sk {
 }
 
 fn message(group: MessageGroupId, secs: i64, sender: &support::app::User, text: &str) -> Message {
-    Message {
-        group,
-        sk: sk_at(secs),
-        message_uuid: MessageId(Uuid::new_v4()),
-        message: text.to_string(),
-        user_uuid: sender.uuid,
-        user_display_name: format!("Display {}", sender.handle),
-        user_handle: sender.handle.clone(),
-    }
+    support::app::message(group, sk_at(secs), sender, text)
 }
 
 /// Both rows of a conversation between `a` and `b`, at `secs`, saying `text`.
@@ -40,16 +32,7 @@ fn group_rows(
     b: &support::app::User,
     text: &str,
 ) -> [MessageGroup; 2] {
-    let row = |owner: &support::app::User, other: &support::app::User| MessageGroup {
-        owner: owner.uuid,
-        sk: sk_at(secs),
-        message_group_uuid: group,
-        message: text.to_string(),
-        user_uuid: other.uuid,
-        user_display_name: format!("Display {}", other.handle),
-        user_handle: other.handle.clone(),
-    };
-    [row(a, b), row(b, a)]
+    support::app::conversation_rows(group, sk_at(secs), a, b, text)
 }
 
 #[tokio::test]

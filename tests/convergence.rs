@@ -10,10 +10,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{TimeZone, Utc};
-use cruddur_syncd::model::{ApiEntry, Message, MessageGroup, MessageGroupId, MessageId, Sk};
+use cruddur_syncd::model::{ApiEntry, Message, MessageGroup, MessageGroupId, Sk};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use support::app::{entries_json, App, User};
+use support::app::{conversation_rows, entries_json, message, App, User};
 use uuid::Uuid;
 
 const USERS: usize = 20;
@@ -87,7 +87,7 @@ async fn api_equals_dynamodb_after_a_concurrent_random_workload() {
                     0..=5 => {
                         let m = message(g, sk.clone(), sender, &format!("msg {secs} from {}", sender.handle));
                         app.put_message(&m).await;
-                        let new = rows_for(g, sk, &users[a], &users[b], &m.message);
+                        let new = conversation_rows(g, sk, &users[a], &users[b], &m.message);
                         if let Some(old) = rows.insert(g, new.clone()) {
                             for r in &old {
                                 app.delete(format!("GRP#{}", r.owner), &r.sk).await;
@@ -173,29 +173,4 @@ async fn compare(app: &App, users: &[User], groups: &[(MessageGroupId, usize, us
         }
     }
     out
-}
-
-fn message(group: MessageGroupId, sk: Sk, sender: &User, text: &str) -> Message {
-    Message {
-        group,
-        sk,
-        message_uuid: MessageId(Uuid::new_v4()),
-        message: text.to_string(),
-        user_uuid: sender.uuid,
-        user_display_name: format!("Display {}", sender.handle),
-        user_handle: sender.handle.clone(),
-    }
-}
-
-fn rows_for(group: MessageGroupId, sk: Sk, a: &User, b: &User, text: &str) -> [MessageGroup; 2] {
-    let row = |owner: &User, other: &User| MessageGroup {
-        owner: owner.uuid,
-        sk: sk.clone(),
-        message_group_uuid: group,
-        message: text.to_string(),
-        user_uuid: other.uuid,
-        user_display_name: format!("Display {}", other.handle),
-        user_handle: other.handle.clone(),
-    };
-    [row(a, b), row(b, a)]
 }

@@ -278,6 +278,34 @@ impl App {
     }
 }
 
+/// A message from `sender` at `sk`, with the sender named as [`App::user`] names users.
+pub fn message(group: MessageGroupId, sk: Sk, sender: &User, text: &str) -> Message {
+    Message {
+        group,
+        sk,
+        message_uuid: cruddur_syncd::model::MessageId(uuid::Uuid::new_v4()),
+        message: text.to_string(),
+        user_uuid: sender.uuid,
+        user_display_name: format!("Display {}", sender.handle),
+        user_handle: sender.handle.clone(),
+    }
+}
+
+/// Both rows of a conversation between `a` and `b` (each naming the other) at `sk`, saying
+/// `text`.
+pub fn conversation_rows(group: MessageGroupId, sk: Sk, a: &User, b: &User, text: &str) -> [MessageGroup; 2] {
+    let row = |owner: &User, other: &User| MessageGroup {
+        owner: owner.uuid,
+        sk: sk.clone(),
+        message_group_uuid: group,
+        message: text.to_string(),
+        user_uuid: other.uuid,
+        user_display_name: format!("Display {}", other.handle),
+        user_handle: other.handle.clone(),
+    };
+    [row(a, b), row(b, a)]
+}
+
 /// Entries as JSON values, to compare with the API's.
 pub fn entries_json(entries: &[ApiEntry]) -> Vec<serde_json::Value> {
     entries.iter().map(|e| serde_json::to_value(e).unwrap()).collect()
