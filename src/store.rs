@@ -44,7 +44,8 @@ impl Store {
         &self.endpoint
     }
 
-    fn context(&self, op: &str) -> String {
+    /// "DynamoDB {op} on table {table} at {endpoint}": how every error about this table begins.
+    pub fn context(&self, op: &str) -> String {
         format!("DynamoDB {op} on table {} at {}", self.table, self.endpoint)
     }
 

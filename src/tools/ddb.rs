@@ -22,15 +22,11 @@ use crate::{demo, pg};
 
 const ACTIVE_DEADLINE: Duration = Duration::from_secs(300);
 
-fn context(store: &Store, op: &str) -> String {
-    format!("DynamoDB {op} of table {} at {}", store.table(), store.endpoint())
-}
-
 async fn describe(store: &Store) -> Result<Option<TableDescription>> {
     match store.client().describe_table().table_name(store.table()).send().await {
         Ok(out) => Ok(out.table),
         Err(e) if sdk_code(&e) == Some("ResourceNotFoundException") => Ok(None),
-        Err(e) => Err(from_sdk(context(store, "DescribeTable"), e)),
+        Err(e) => Err(from_sdk(store.context("DescribeTable"), e)),
     }
 }
 
@@ -107,7 +103,7 @@ pub async fn schema_load(cfg: &Config, store: &Store, out: &mut JsonLines<impl W
                 Ok(_) => created = true,
                 // Another schema-load won the race; fall through to the checks below.
                 Err(e) if sdk_code(&e) == Some("ResourceInUseException") => {}
-                Err(e) => return Err(from_sdk(context(store, "CreateTable"), e)),
+                Err(e) => return Err(from_sdk(store.context("CreateTable"), e)),
             }
         }
         Some(table) => {
@@ -121,7 +117,7 @@ pub async fn schema_load(cfg: &Config, store: &Store, out: &mut JsonLines<impl W
                     .stream_specification(stream_spec()?)
                     .send()
                     .await
-                    .map_err(|e| from_sdk(context(store, "UpdateTable (enable stream)"), e))?;
+                    .map_err(|e| from_sdk(store.context("UpdateTable (enable stream)"), e))?;
                 stream_enabled_now = true;
             }
             let has_index = table.global_secondary_indexes().iter().any(|g| g.index_name() == Some(index.as_str()));
@@ -143,7 +139,7 @@ pub async fn schema_load(cfg: &Config, store: &Store, out: &mut JsonLines<impl W
                     .global_secondary_index_updates(GlobalSecondaryIndexUpdate::builder().create(create).build())
                     .send()
                     .await
-                    .map_err(|e| from_sdk(context(store, "UpdateTable (add index)"), e))?;
+                    .map_err(|e| from_sdk(store.context("UpdateTable (add index)"), e))?;
                 index_created_now = true;
             }
         }
@@ -204,7 +200,7 @@ pub async fn drop(store: &Store, yes: bool, out: &mut JsonLines<impl Write>) -> 
         Err(e) if sdk_code(&e) == Some("ResourceNotFoundException") => {
             return Err(Error::Failed(format!("table {} does not exist at {}", store.table(), store.endpoint())));
         }
-        Err(e) => return Err(from_sdk(context(store, "DeleteTable"), e)),
+        Err(e) => return Err(from_sdk(store.context("DeleteTable"), e)),
     }
     let started = Instant::now();
     while describe(store).await?.is_some() {
