@@ -34,7 +34,7 @@ use moka::Expiry;
 use sqlx::PgPool;
 
 use crate::config::CacheConfig;
-use crate::metrics::{CacheLabels, CacheName, CacheRequestLabels, CacheResult, Metrics};
+use crate::metrics::{CacheLabels, CacheName, CacheResult, Metrics};
 use crate::model::{
     conversation_list, CognitoSub, Item, ItemKey, Message, MessageGroup, MessageGroupId, Pk, Sk, UserUuid,
 };
@@ -64,12 +64,14 @@ pub struct GroupRows {
     first_page: std::sync::OnceLock<Rendered>,
 }
 
-/// A response body rendered once and served many times.
+/// A response rendered once and served many times: the body and its header values, ready to
+/// be cloned (a reference count each) into every response.
 #[derive(Debug, Clone)]
 pub struct Rendered {
     pub body: bytes::Bytes,
-    pub etag: String,
-    pub next: Option<String>,
+    pub etag: axum::http::HeaderValue,
+    /// The `Link: <...>; rel="next"` value, when there is a next page.
+    pub link: Option<axum::http::HeaderValue>,
 }
 
 impl GroupRows {
@@ -371,7 +373,7 @@ impl Cache {
     }
 
     fn count(&self, cache: CacheName, result: CacheResult) {
-        self.metrics.cache_requests.get_or_create(&CacheRequestLabels { cache, result }).inc();
+        self.metrics.cache_request(cache, result);
     }
 
     /// The `users.uuid` of a token's subject; `None` when no row carries it.
@@ -381,6 +383,10 @@ impl Cache {
             return Ok(hit);
         }
         self.count(CacheName::users, CacheResult::miss);
+        Box::pin(self.load_user(sub)).await
+    }
+
+    async fn load_user(&self, sub: &CognitoSub) -> Result<Option<UserUuid>, CacheError> {
         // Concurrent misses for one sub share one query; errors are not cached.
         let lookup = async {
             match tokio::time::timeout(self.load_timeout, self.users_source.lookup(sub)).await {
@@ -431,6 +437,18 @@ impl Cache {
             return Ok(hit);
         }
         self.count(name, CacheResult::miss);
+        // Boxed: the load's state (a DynamoDB call) is kilobytes, and an inline future that size
+        // would be copied around on every hit too.
+        Box::pin(self.load_into(cache, key, load)).await
+    }
+
+    async fn load_into<K, V, F, Fut>(&self, cache: &Moka<K, Arc<V>>, key: K, load: F) -> Result<Arc<V>, CacheError>
+    where
+        K: std::hash::Hash + Eq + Clone + std::fmt::Display + Send + Sync + 'static,
+        V: Send + Sync + 'static,
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = crate::error::Result<V>>,
+    {
         let epoch = self.epoch.load(Ordering::Acquire);
         let mut loaded: Option<Result<Arc<V>, CacheError>> = None;
         let result = cache

@@ -143,6 +143,40 @@ pub struct Metrics {
     pub reconcile_users: Family<OutcomeLabels, Gauge>,
     pub config_reloads: Family<RunLabels, Counter>,
     pub build_info: Family<VersionLabels, Gauge>,
+    hot: HotSeries,
+}
+
+/// The series every API request touches, resolved once. A family lookup hashes the labels and
+/// takes the family's lock on each call; these handles share the family's atomics, so the
+/// exported numbers are the same.
+struct HotSeries {
+    /// By [`CacheName`] then [`CacheResult`].
+    cache_requests: [[Counter; 2]; 3],
+    /// By served route (`ApiRoute::SERVED`): the statuses of a served read (200, 304).
+    http_ok: [Counter; 2],
+    http_not_modified: [Counter; 2],
+    http_duration: [Histogram; 2],
+}
+
+/// The `route` label of the API families: the matched template, never the raw path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ApiRoute {
+    MessageGroups,
+    Messages,
+    Other,
+}
+
+impl ApiRoute {
+    /// The routes with handlers, in the order of [`HotSeries`]' arrays.
+    const SERVED: [ApiRoute; 2] = [ApiRoute::MessageGroups, ApiRoute::Messages];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ApiRoute::MessageGroups => "/api/message_groups",
+            ApiRoute::Messages => "/api/messages/{message_group_uuid}",
+            ApiRoute::Other => "other",
+        }
+    }
 }
 
 impl Default for Metrics {
@@ -172,6 +206,7 @@ impl Metrics {
             config_reloads: Family::default(),
             build_info: Family::default(),
             registry: Registry::default(),
+            hot: HotSeries::placeholder(),
         };
         registry.register("stream_records", "Stream records read, by event name", m.stream_records.clone());
         registry.register(
@@ -241,7 +276,43 @@ impl Metrics {
             let _ = m.reconcile_runs.get_or_create(&RunLabels { result });
             let _ = m.config_reloads.get_or_create(&RunLabels { result });
         }
-        Metrics { registry, ..m }
+        let hot = HotSeries::resolve(&m);
+        Metrics { registry, hot, ..m }
+    }
+
+    /// Counts one cache lookup.
+    pub fn cache_request(&self, cache: CacheName, result: CacheResult) {
+        let c = match cache {
+            CacheName::groups => 0,
+            CacheName::messages => 1,
+            CacheName::users => 2,
+        };
+        let r = match result {
+            CacheResult::hit => 0,
+            CacheResult::miss => 1,
+        };
+        self.hot.cache_requests[c][r].inc();
+    }
+
+    /// Counts and times one API request.
+    pub fn http_request(&self, route: ApiRoute, status: u16, seconds: f64) {
+        let served = match route {
+            ApiRoute::MessageGroups => Some(0),
+            ApiRoute::Messages => Some(1),
+            ApiRoute::Other => None,
+        };
+        match (served, status) {
+            (Some(i), 200) => self.hot.http_ok[i].inc(),
+            (Some(i), 304) => self.hot.http_not_modified[i].inc(),
+            _ => self.http_requests.get_or_create(&HttpLabels { route: route.as_str(), status }).inc(),
+        };
+        match served {
+            Some(i) => self.hot.http_duration[i].observe(seconds),
+            None => self
+                .http_request_duration_seconds
+                .get_or_create(&RouteLabels { route: route.as_str() })
+                .observe(seconds),
+        }
     }
 
     /// Every family in OpenMetrics text (what prometheus-client writes).
@@ -256,6 +327,33 @@ impl Metrics {
     /// as `promtool check metrics` that do not speak OpenMetrics.
     pub fn encode_prometheus(&self) -> String {
         openmetrics_to_prometheus(&self.encode())
+    }
+}
+
+impl HotSeries {
+    /// Unconnected handles, replaced by [`HotSeries::resolve`] before `Metrics::new` returns.
+    fn placeholder() -> Self {
+        HotSeries {
+            cache_requests: Default::default(),
+            http_ok: Default::default(),
+            http_not_modified: Default::default(),
+            http_duration: std::array::from_fn(|_| duration_histogram()),
+        }
+    }
+
+    fn resolve(m: &Metrics) -> Self {
+        let cache = |cache, result| m.cache_requests.get_or_create(&CacheRequestLabels { cache, result }).clone();
+        let http = |route: ApiRoute, status| {
+            m.http_requests.get_or_create(&HttpLabels { route: route.as_str(), status }).clone()
+        };
+        HotSeries {
+            cache_requests: [CacheName::groups, CacheName::messages, CacheName::users]
+                .map(|c| [cache(c, CacheResult::hit), cache(c, CacheResult::miss)]),
+            http_ok: ApiRoute::SERVED.map(|r| http(r, 200)),
+            http_not_modified: ApiRoute::SERVED.map(|r| http(r, 304)),
+            http_duration: ApiRoute::SERVED
+                .map(|r| m.http_request_duration_seconds.get_or_create(&RouteLabels { route: r.as_str() }).clone()),
+        }
     }
 }
 

@@ -26,7 +26,7 @@ use super::auth::AuthSlot;
 use super::error::{bodyless_errors_as_json, ApiError};
 use super::{cursor, flask_json};
 use crate::cache::{Cache, Rendered};
-use crate::metrics::{HttpLabels, Metrics, RouteLabels};
+use crate::metrics::{ApiRoute, Metrics};
 use crate::model::{ApiEntry, MessageGroup, MessageGroupId, Sk, UserUuid};
 
 pub const DEFAULT_LIMIT: usize = 20;
@@ -119,15 +119,13 @@ fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
 /// Counts and times every request by route (the matched template, never the raw path).
 async fn observe(State(state): State<Arc<ApiState>>, req: Request, next: Next) -> Response {
     let route = match req.extensions().get::<MatchedPath>().map(MatchedPath::as_str) {
-        Some(GROUPS_ROUTE) => GROUPS_ROUTE,
-        Some(MESSAGES_ROUTE) => MESSAGES_ROUTE,
-        _ => "other",
+        Some(GROUPS_ROUTE) => ApiRoute::MessageGroups,
+        Some(MESSAGES_ROUTE) => ApiRoute::Messages,
+        _ => ApiRoute::Other,
     };
     let started = Instant::now();
     let res = next.run(req).await;
-    let m = &state.metrics;
-    m.http_requests.get_or_create(&HttpLabels { route, status: res.status().as_u16() }).inc();
-    m.http_request_duration_seconds.get_or_create(&RouteLabels { route }).observe(started.elapsed().as_secs_f64());
+    state.metrics.http_request(route, res.status().as_u16(), started.elapsed().as_secs_f64());
     res
 }
 
@@ -156,7 +154,11 @@ fn params(q: Result<Query<PageParams>, QueryRejection>) -> Result<(usize, Option
 async fn caller(state: &ApiState, headers: &HeaderMap) -> Result<UserUuid, ApiError> {
     let header = match headers.get(header::AUTHORIZATION) {
         None => None,
-        Some(v) => Some(v.to_str().map_err(|_| ApiError::from(super::auth::AuthError::BadScheme))?),
+        // UTF-8 rather than `to_str`'s visible-ASCII pass over the whole token: the token's
+        // own character check (on a cache miss) is stricter than both.
+        Some(v) => {
+            Some(std::str::from_utf8(v.as_bytes()).map_err(|_| ApiError::from(super::auth::AuthError::BadScheme))?)
+        }
     };
     let verified = state.auth.current().verify(header).await?;
     state.cache.user(&verified.sub).await?.ok_or_else(|| {
@@ -168,22 +170,25 @@ async fn caller(state: &ApiState, headers: &HeaderMap) -> Result<UserUuid, ApiEr
     })
 }
 
+// Handlers take the whole request last (not a `HeaderMap`, which axum would clone) and read
+// its headers in place.
 async fn message_groups(
     State(state): State<Arc<ApiState>>,
-    headers: HeaderMap,
     query: Result<Query<PageParams>, QueryRejection>,
+    req: Request,
 ) -> Result<Response, ApiError> {
+    let headers = req.headers();
     let (limit, before) = params(query)?;
     let before = match before.as_deref() {
         None => None,
         Some(c) => Some(cursor::decode_group(c).ok_or_else(|| ApiError::bad_request("before is not a valid cursor"))?),
     };
-    let user = caller(&state, &headers).await?;
+    let user = caller(&state, headers).await?;
     let rows = state.cache.groups(user).await?;
     if before.is_none() && limit == DEFAULT_LIMIT {
-        return Ok(respond(&headers, rows.first_page(|view| groups_page(view, limit, None))));
+        return Ok(respond(headers, rows.first_page(|view| groups_page(view, limit, None))));
     }
-    Ok(respond(&headers, &groups_page(rows.view(), limit, before.as_ref())))
+    Ok(respond(headers, &groups_page(rows.view(), limit, before.as_ref())))
 }
 
 fn groups_page(view: &[MessageGroup], limit: usize, before: Option<&(Sk, MessageGroupId)>) -> Rendered {
@@ -203,10 +208,11 @@ fn groups_page(view: &[MessageGroup], limit: usize, before: Option<&(Sk, Message
 
 async fn messages(
     State(state): State<Arc<ApiState>>,
-    headers: HeaderMap,
     Path(group): Path<String>,
     query: Result<Query<PageParams>, QueryRejection>,
+    req: Request,
 ) -> Result<Response, ApiError> {
+    let headers = req.headers();
     let group: MessageGroupId =
         group.parse().map_err(|_| ApiError::bad_request("the message group id is not a uuid"))?;
     let (limit, before) = params(query)?;
@@ -216,7 +222,7 @@ async fn messages(
             Some(cursor::decode_message(c).ok_or_else(|| ApiError::bad_request("before is not a valid cursor"))?)
         }
     };
-    let user = caller(&state, &headers).await?;
+    let user = caller(&state, headers).await?;
     if !state.cache.groups(user).await?.contains_group(group) {
         return Err(ApiError::not_found("no such conversation"));
     }
@@ -227,18 +233,24 @@ async fn messages(
     };
     let entries: Vec<ApiEntry> = page.items.iter().map(|m| m.api_entry()).collect();
     let link = next.map(|c| format!("/api/messages/{group}?limit={limit}&before={c}"));
-    Ok(respond(&headers, &render(&entries, link)))
+    Ok(respond(headers, &render(&entries, link)))
 }
 
 /// The body, its validator and the next page's link.
 fn render(entries: &[ApiEntry], next: Option<String>) -> Rendered {
     let body = flask_json::body(entries);
-    Rendered { etag: etag(&body), body: body.into(), next }
+    // Both values are ASCII by construction (hex digits; a path, uuids and base64url), so
+    // `from_str` cannot refuse them; `None` would only drop the header, never the page.
+    Rendered {
+        etag: HeaderValue::from_str(&etag(&body)).unwrap_or_else(|_| HeaderValue::from_static("\"\"")),
+        link: next.and_then(|url| HeaderValue::from_str(&format!("<{url}>; rel=\"next\"")).ok()),
+        body: body.into(),
+    }
 }
 
 /// A 200 with ETag, Cache-Control and Link, or a 304 when the client already has it.
 fn respond(headers: &HeaderMap, page: &Rendered) -> Response {
-    let mut res = if if_none_match(headers, &page.etag) {
+    let mut res = if if_none_match(headers, page.etag.as_bytes()) {
         StatusCode::NOT_MODIFIED.into_response()
     } else {
         let mut r = page.body.clone().into_response();
@@ -247,11 +259,9 @@ fn respond(headers: &HeaderMap, page: &Rendered) -> Response {
     };
     let h = res.headers_mut();
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("private, no-store"));
-    if let Ok(v) = HeaderValue::from_str(&page.etag) {
-        h.insert(header::ETAG, v);
-    }
-    if let Some(Ok(v)) = page.next.as_ref().map(|url| HeaderValue::from_str(&format!("<{url}>; rel=\"next\""))) {
-        h.insert(header::LINK, v);
+    h.insert(header::ETAG, page.etag.clone());
+    if let Some(link) = &page.link {
+        h.insert(header::LINK, link.clone());
     }
     res
 }
@@ -264,10 +274,8 @@ fn etag(body: &[u8]) -> String {
     format!("\"{:016x}{:08x}\"", h.finish(), body.len())
 }
 
-fn if_none_match(headers: &HeaderMap, etag: &str) -> bool {
-    headers
-        .get_all(header::IF_NONE_MATCH)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .any(|v| v.split(',').map(str::trim).any(|t| t == "*" || t == etag || t.strip_prefix("W/") == Some(etag)))
+fn if_none_match(headers: &HeaderMap, etag: &[u8]) -> bool {
+    headers.get_all(header::IF_NONE_MATCH).iter().filter_map(|v| v.to_str().ok()).any(|v| {
+        v.split(',').map(|t| t.trim().as_bytes()).any(|t| t == b"*" || t == etag || t.strip_prefix(b"W/") == Some(etag))
+    })
 }

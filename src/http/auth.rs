@@ -142,6 +142,15 @@ impl AuthError {
 /// space, then a non-empty RFC 6750 `b64token` (`[A-Za-z0-9-._~+/]+=*`) of at most
 /// [`MAX_TOKEN_LEN`] bytes. Surrounding whitespace (HTTP OWS) is ignored.
 pub fn bearer_token(header_value: Option<&str>) -> Result<&str, AuthError> {
+    let token = bearer_credentials(header_value)?;
+    check_b64token(token)?;
+    Ok(token)
+}
+
+/// The part of [`bearer_token`] that finds the token, without looking at its characters: a
+/// token found in the verified cache was checked when it was verified, so the per-byte pass
+/// runs only on a miss.
+fn bearer_credentials(header_value: Option<&str>) -> Result<&str, AuthError> {
     let value = header_value.map(|v| v.trim_matches([' ', '\t'])).unwrap_or_default();
     if value.is_empty() {
         return Err(AuthError::Missing);
@@ -153,12 +162,16 @@ pub fn bearer_token(header_value: Option<&str>) -> Result<&str, AuthError> {
     if token.len() > MAX_TOKEN_LEN {
         return Err(AuthError::Malformed("it is too long"));
     }
+    Ok(token)
+}
+
+fn check_b64token(token: &str) -> Result<(), AuthError> {
     let body = token.trim_end_matches('=');
     let b64token = |c: u8| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~' | b'+' | b'/');
     if body.is_empty() || !body.bytes().all(b64token) {
         return Err(AuthError::Malformed("it contains characters a bearer token cannot contain"));
     }
-    Ok(token)
+    Ok(())
 }
 
 /// The authenticator in force, replaced as a whole when a reload changes `[auth]`: requests
@@ -343,7 +356,7 @@ impl Authenticator {
 
     /// Verifies the raw `Authorization` header value (None when the header is absent).
     pub async fn verify(&self, header_value: Option<&str>) -> Result<Verified, AuthError> {
-        let token = bearer_token(header_value)?;
+        let token = bearer_credentials(header_value)?;
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         if let Some(hit) = self.inner.cache.get(&digest).await {
             // moka's expiry has its own clock and granularity: the token's exp decides.
@@ -352,7 +365,10 @@ impl Authenticator {
             }
             self.inner.cache.invalidate(&digest).await;
         }
-        let (verified, exp) = self.verify_uncached(token).await?;
+        check_b64token(token)?;
+        // Boxed: the cold path may fetch the JWKS, whose future would otherwise make every
+        // cached verification's future kilobytes larger.
+        let (verified, exp) = Box::pin(self.verify_uncached(token)).await?;
         if let Some(ttl) = cache_ttl(exp, unix_now(), CACHE_TTL_CAP) {
             self.inner.cache.insert(digest, CachedToken { verified: verified.clone(), exp, ttl }).await;
         }
