@@ -5,10 +5,8 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -17,6 +15,7 @@ use cruddur_syncd::config;
 use cruddur_syncd::store::Store;
 use cruddur_syncd::tools::{self, JsonLines};
 use support::app::DelayProxy;
+use support::daemon::{metric, Daemon};
 use support::TestDb;
 
 /// A Cognito pool with one provisioned user, a database, a table and a config file.
@@ -162,87 +161,8 @@ impl NotifySocket {
     }
 }
 
-/// The daemon binary running `run`, its stderr collected line by line.
-struct Daemon {
-    child: Child,
-    log: Arc<Mutex<Vec<String>>>,
-    api: String,
-    admin: String,
-    http: reqwest::Client,
-}
-
+/// What only these tests ask of a running daemon.
 impl Daemon {
-    async fn spawn(config: &Path, env: &[(&str, &str)]) -> Daemon {
-        let mut cmd = support::bin();
-        cmd.arg("--config").arg(config).arg("run").stderr(Stdio::piped()).stdout(Stdio::null());
-        cmd.env_remove("NOTIFY_SOCKET").env_remove("WATCHDOG_USEC").env_remove("WATCHDOG_PID");
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().unwrap();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let sink = log.clone();
-        let stderr = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                sink.lock().unwrap().push(line);
-            }
-        });
-        let mut d = Daemon { child, log, api: String::new(), admin: String::new(), http: reqwest::Client::new() };
-        let serving = d.wait_log("the daemon serves", Duration::from_secs(30), |l| l.contains("api_addr=")).await;
-        let field = |name: &str| -> String {
-            let rest = &serving[serving.find(name).unwrap() + name.len()..];
-            rest.split_whitespace().next().unwrap().to_string()
-        };
-        d.api = format!("http://{}", field("api_addr="));
-        d.admin = format!("http://{}", field("admin_addr="));
-        d
-    }
-
-    fn pid(&self) -> String {
-        self.child.id().to_string()
-    }
-
-    fn signal(&self, sig: &str) {
-        assert!(std::process::Command::new("kill").args([sig, &self.pid()]).status().unwrap().success());
-    }
-
-    fn log(&self) -> Vec<String> {
-        self.log.lock().unwrap().clone()
-    }
-
-    fn log_text(&self) -> String {
-        self.log().join("\n")
-    }
-
-    /// Waits for a stderr line matching `pred` and returns it; panics with the log otherwise.
-    async fn wait_log(&mut self, what: &str, deadline: Duration, pred: impl Fn(&str) -> bool) -> String {
-        let end = Instant::now() + deadline;
-        loop {
-            if let Some(l) = self.log().into_iter().find(|l| pred(l)) {
-                return l;
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                // let the reader thread drain what is left
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                panic!("the daemon exited ({status}) before {what}:\n{}", self.log_text());
-            }
-            if Instant::now() > end {
-                panic!("timed out after {deadline:?} waiting until {what}:\n{}", self.log_text());
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    async fn wait_ready(&self) {
-        let url = format!("{}/readyz", self.admin);
-        support::wait_until(Duration::from_secs(30), "the daemon is ready", || async {
-            self.http.get(&url).send().await.is_ok_and(|r| r.status() == 200)
-        })
-        .await;
-    }
-
     async fn reloads(&self, result: &str) -> f64 {
         let text = self.http.get(format!("{}/metrics", self.admin)).send().await.unwrap().text().await.unwrap();
         metric(&text, "cruddur_syncd_config_reloads_total", &format!("result=\"{result}\""))
@@ -277,38 +197,6 @@ impl Daemon {
             .unwrap();
         res.headers().get("access-control-allow-origin").and_then(|v| v.to_str().ok()) == Some(origin)
     }
-
-    /// SIGTERM, then the exit status (bounded: the daemon must stop by itself).
-    async fn terminate(mut self) -> (Option<i32>, String) {
-        self.signal("-TERM");
-        let end = Instant::now() + Duration::from_secs(30);
-        let status = loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                break s;
-            }
-            if Instant::now() > end {
-                let _ = self.child.kill();
-                panic!("the daemon did not exit within 30s of SIGTERM:\n{}", self.log_text());
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        (status.code(), self.log_text())
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn metric(text: &str, name: &str, needle: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && l.contains(needle))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 // ---------------------------------------------------------------------------------------------

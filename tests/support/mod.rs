@@ -18,6 +18,7 @@ use aws_config::{BehaviorVersion, SdkConfig};
 use sqlx::{Connection, PgConnection};
 
 pub mod app;
+pub mod daemon;
 pub mod pgcluster;
 
 pub const PG_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
