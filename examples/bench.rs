@@ -15,16 +15,17 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use chrono::Utc;
 use cruddur_syncd::cache::{Cache, Users};
-use cruddur_syncd::config::{self, CacheConfig};
+use cruddur_syncd::config::CacheConfig;
 use cruddur_syncd::metrics::Metrics;
 use cruddur_syncd::model::{Message, MessageGroup, MessageGroupId, MessageId, Sk, UserUuid};
 use cruddur_syncd::store::Store;
 use http_body_util::Full;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
+use support::{ms, quantile, rss_bytes, AnyResult};
 use uuid::Uuid;
 
-type AnyResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+mod support;
 
 #[tokio::main]
 async fn main() -> AnyResult<()> {
@@ -66,9 +67,7 @@ async fn ceiling(listen: &str, body: &str) -> AnyResult<()> {
 }
 
 async fn store(cfg_path: &str) -> AnyResult<Store> {
-    let loaded = config::load(std::path::Path::new(cfg_path))?;
-    let clients = cruddur_syncd::aws::clients(&loaded.config.aws).await;
-    Ok(Store::new(clients.dynamodb, loaded.config.dynamodb.table.clone(), clients.endpoints.dynamodb))
+    Ok(support::store(&support::load(cfg_path)?).await)
 }
 
 fn group_row(owner: UserUuid, i: usize) -> MessageGroup {
@@ -95,8 +94,8 @@ async fn populate(cfg: &str, user: Uuid, n: usize) -> AnyResult<()> {
 /// Writes `rate` messages a second for `secs` seconds; for each, the time from PutItem's
 /// acknowledgement until `GET /api/messages/{group}` shows it.
 async fn freshness(cfg_path: &str, token: &str, group: Uuid, rate: u64, secs: u64) -> AnyResult<()> {
-    let loaded = config::load(std::path::Path::new(cfg_path))?;
-    let store = store(cfg_path).await?;
+    let loaded = support::load(cfg_path)?;
+    let store = support::store(&loaded).await;
     // The newest 40 (inside the cached window of 50): at 50 writes/s a probe stays in that
     // page for most of a second, longer than it takes to appear.
     let api = format!("http://{}/api/messages/{group}?limit=40", loaded.config.http.listen);
@@ -140,23 +139,14 @@ async fn freshness(cfg_path: &str, token: &str, group: Uuid, rate: u64, secs: u6
         }
     }
     lat.sort();
-    let pct = |p: f64| {
-        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or_default()
-    };
     println!(
         "freshness: {} writes at {rate}/s for {secs}s; ack->visible p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; not seen within 10 s: {lost}",
         lat.len(),
-        pct(0.50).as_secs_f64() * 1e3,
-        pct(0.99).as_secs_f64() * 1e3,
-        lat.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
+        ms(quantile(&lat, 0.50)),
+        ms(quantile(&lat, 0.99)),
+        ms(lat.last().copied().unwrap_or_default()),
     );
     Ok(())
-}
-
-fn rss_bytes() -> u64 {
-    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-    let pages: u64 = statm.split_whitespace().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
-    pages * 4096
 }
 
 /// The groups cache holding `n` users' lists of 5 conversations each, filled through the same
@@ -178,13 +168,13 @@ async fn memory(n: usize) -> AnyResult<()> {
         Users { pool, target: "unused".into() },
         Arc::new(Metrics::new()),
     ));
-    let before = rss_bytes();
+    let before = rss_bytes("self");
     for i in 0..n {
         let user = UserUuid(Uuid::from_u128(i as u128 + 1));
         cache.prime_groups(user, (0..5).map(|j| group_row(user, j)).collect()).await;
     }
     cache.refresh_gauges().await;
-    let after = rss_bytes();
+    let after = rss_bytes("self");
     println!(
         "memory: {n} cached users x 5 conversations: RSS +{:.1} MiB = {} bytes per cached user ({} per conversation row); cached entries {}",
         (after - before) as f64 / (1 << 20) as f64,

@@ -584,12 +584,12 @@ impl Cache {
     }
 
     /// Drops everything derived from the stream (users are not: they come from PostgreSQL).
+    /// The tailer, which reports the gap, counts it (`stream_resyncs_total`) and logs it.
     pub fn flush(&self, reason: &GapReason) {
         self.epoch.fetch_add(1, Ordering::AcqRel);
         self.groups.invalidate_all();
         self.messages.invalidate_all();
-        self.metrics.stream_resyncs.inc();
-        tracing::warn!(%reason, "possible gap in the stream: flushed the conversation caches");
+        tracing::debug!(%reason, "flushed the conversation caches");
     }
 
     /// Brings the entry and weight gauges up to date (called when metrics are scraped).

@@ -121,7 +121,15 @@ impl Sk {
     }
 }
 
+/// DynamoDB's limit on a sort key: nothing longer is an sk of any table.
+pub const MAX_SK_BYTES: usize = 1024;
+
 fn parse_instant(raw: &str) -> Option<DateTime<Utc>> {
+    // The whole string is bounded, not only its trimmed part: the raw spelling travels on in
+    // cursors, which have a length limit of their own (found by fuzzing, `cursor` target).
+    if raw.len() > MAX_SK_BYTES {
+        return None;
+    }
     let s = raw.trim();
     if s.len() < 19 || s.len() > 64 {
         return None;

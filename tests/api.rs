@@ -10,7 +10,8 @@ use cruddur_syncd::demo;
 use cruddur_syncd::model::{ApiEntry, Message, MessageGroup, MessageGroupId, Sk};
 use cruddur_syncd::tools::{self, JsonLines};
 use serde_json::Value;
-use support::app::{flask_render, App, DelayProxy, Setup};
+use support::app::{flask_render, App, Setup};
+use support::fault_proxy::FaultProxy;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use uuid::Uuid;
 
@@ -286,7 +287,7 @@ async fn writes_reach_the_api_for_cached_and_uncached_keys() {
 #[tokio::test]
 async fn a_write_during_a_slow_load_wins() {
     let moto = support::moto_url();
-    let proxy = DelayProxy::start(&moto).await;
+    let proxy = FaultProxy::start(&moto).await;
     let app = App::start_with(Setup { dynamodb_endpoint: Some(proxy.url.clone()), ..Setup::default() }).await;
     let a = app.user("alice", None, true).await;
     let b = app.user("bob", None, true).await;
@@ -427,7 +428,7 @@ async fn readiness_metrics_and_graceful_stop() {
 #[tokio::test]
 async fn dynamodb_down_misses_are_503_and_hits_are_still_served() {
     let moto = support::moto_url();
-    let proxy = DelayProxy::start(&moto).await;
+    let proxy = FaultProxy::start(&moto).await;
     let app = App::start_with(Setup { dynamodb_endpoint: Some(proxy.url.clone()), ..Setup::default() }).await;
     let a = app.user("alice", None, true).await;
     let b = app.user("bob", None, true).await;
@@ -436,17 +437,14 @@ async fn dynamodb_down_misses_are_503_and_hits_are_still_served() {
         app.put_group(&row).await;
     }
     assert_eq!(app.get("/api/message_groups", &a.access_token).await.status(), 200);
-    // Pooled connections of the daemon's client would survive a refusing listener; a delay
-    // longer than the SDK's attempt timeout makes them fail too.
+    // Every connection is closed, pooled ones at their next request.
     proxy.set_down(true);
-    proxy.set_delay(Duration::from_secs(30));
     let hit = app.get("/api/message_groups", &a.access_token).await;
     assert_eq!(hit.status(), 200, "a cached list must be served while DynamoDB is down");
     let miss = app.get("/api/message_groups", &b.access_token).await;
     assert_eq!(miss.status(), 503);
     let v: Value = miss.json().await.unwrap();
     assert_eq!(v["error"], "unavailable");
-    proxy.set_delay(Duration::ZERO);
     proxy.set_down(false);
     support::wait_until(Duration::from_secs(30), "misses are served again", || async {
         app.get("/api/message_groups", &b.access_token).await.status() == 200

@@ -22,8 +22,9 @@ use cruddur_syncd::demo;
 use cruddur_syncd::model::{Message, MessageGroup, MessageGroupId, MessageId, Pk, Sk, UserUuid};
 use cruddur_syncd::store::Store;
 use cruddur_syncd::tools::{self, JsonLines};
-use support::app::{conversation_rows, message, App, DelayProxy, Setup, User};
+use support::app::{conversation_rows, message, App, Setup, User};
 use support::daemon::{metric, Daemon};
+use support::fault_proxy::{Fault, FaultProxy, Rule};
 use support::{wait_until, TestDb};
 use uuid::Uuid;
 
@@ -232,11 +233,10 @@ async fn a_replayed_stream_changes_nothing() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_record_that_keeps_failing_is_skipped_and_the_shard_goes_on() {
-    // DynamoDB (not Streams) through a proxy that can hold every answer back past the call
-    // timeout: the projector reads the stream but cannot reach the table.
-    let proxy = DelayProxy::start(&support::moto_url()).await;
+    // DynamoDB (not Streams) through a proxy that can fail every Query: the projector reads
+    // the stream but cannot read a conversation's rows.
+    let proxy = FaultProxy::start(&support::moto_url()).await;
     let mut setup = projector("give_up_after = \"1s\"\nmax_attempts = 3\n");
-    setup.extra_config.push_str("[aws]\ncall_timeout = \"300ms\"\n");
     setup.dynamodb_endpoint = Some(proxy.url.clone());
     let app = App::start_with(setup).await;
     wait_leading(&app).await;
@@ -251,7 +251,9 @@ async fn a_record_that_keeps_failing_is_skipped_and_the_shard_goes_on() {
     app.put_message(&m1).await;
     wait_moved(&app.store(), group, &owners, &m1).await;
 
-    proxy.set_delay(Duration::from_secs(3));
+    // 500 InternalServerError on every Query: retried by the SDK, then by the projector with
+    // backoff, then given up after give_up_after.
+    proxy.inject(Rule::on("DynamoDB_20120810.Query", Fault::InternalServerError));
     let m2 = message(group, sk(2_000), &b, "two, never projected");
     app.put_message(&m2).await;
     wait_until(DEADLINE, "the projector gives up on the record", || async {
@@ -259,9 +261,12 @@ async fn a_record_that_keeps_failing_is_skipped_and_the_shard_goes_on() {
     })
     .await;
     assert!(app.metric("cruddur_syncd_projector_failures_total", &[]).await >= 1.0);
+    // How many attempts fit in give_up_after depends on the SDK's own retry backoff; each one
+    // is at least the SDK's retries of one Query.
+    assert!(proxy.injected("DynamoDB_20120810.Query") >= 2, "the failing call was retried");
     assert!(rows_at(&app.store(), group, &owners, &m1).await, "the skipped message moved nothing");
 
-    proxy.set_delay(Duration::ZERO);
+    proxy.clear();
     let m3 = message(group, sk(3_000), &a, "three");
     app.put_message(&m3).await;
     wait_moved(&app.store(), group, &owners, &m3).await;
@@ -389,7 +394,7 @@ async fn leader(d: &Daemon) -> f64 {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_killed_leader_is_replaced_from_its_checkpoint_losing_and_doubling_nothing() {
     let fleet = Fleet::new().await;
-    let mut first = Daemon::spawn(&fleet.config, &[]).await;
+    let first = Daemon::spawn(&fleet.config, &[]).await;
     wait_until(DEADLINE, "the first daemon leads", || async { leader(&first).await == 1.0 }).await;
     let mut second = Daemon::spawn(&fleet.config, &[]).await;
     second
@@ -441,7 +446,7 @@ async fn a_killed_leader_is_replaced_from_its_checkpoint_losing_and_doubling_not
         metric(&first.metrics().await, "cruddur_syncd_projector_rows_moved_total", "") >= 20.0
     })
     .await;
-    first.kill();
+    let _ = first.kill9();
     let resumed = second
         .wait_log("the second daemon takes over", DEADLINE, |l| l.contains("resuming from the checkpoints"))
         .await;

@@ -1,7 +1,7 @@
 //! Running as a service: the real binary under a fake systemd (a `NOTIFY_SOCKET` datagram socket
 //! of the test's own), live reload through the file and SIGHUP, bounded shutdown, exit codes.
 //! Everything runs against the real moto and PostgreSQL; slowness and hangs are made for real
-//! with a delaying TCP proxy in front of moto.
+//! with the fault-injecting HTTP proxy (`support::fault_proxy`) in front of moto.
 
 mod support;
 
@@ -14,8 +14,8 @@ use aws_sdk_cognitoidentityprovider::types::{AuthFlowType, MessageActionType};
 use cruddur_syncd::config;
 use cruddur_syncd::store::Store;
 use cruddur_syncd::tools::{self, JsonLines};
-use support::app::DelayProxy;
 use support::daemon::{metric, Daemon};
+use support::fault_proxy::FaultProxy;
 use support::TestDb;
 
 /// A Cognito pool with one provisioned user, a database, a table and a config file.
@@ -161,44 +161,6 @@ impl NotifySocket {
     }
 }
 
-/// What only these tests ask of a running daemon.
-impl Daemon {
-    async fn reloads(&self, result: &str) -> f64 {
-        let text = self.http.get(format!("{}/metrics", self.admin)).send().await.unwrap().text().await.unwrap();
-        metric(&text, "cruddur_syncd_config_reloads_total", &format!("result=\"{result}\""))
-    }
-
-    async fn wait_reloads(&self, result: &str, n: f64) {
-        let what = format!("config_reloads_total{{result=\"{result}\"}} reaches {n}");
-        let end = Instant::now() + Duration::from_secs(15);
-        loop {
-            let got = self.reloads(result).await;
-            if got == n {
-                return;
-            }
-            assert!(got < n, "{what}: it is {got}\n{}", self.log_text());
-            if Instant::now() > end {
-                panic!("timed out waiting until {what} (it is {got}):\n{}", self.log_text());
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// Whether a CORS preflight from `origin` is allowed by the API.
-    async fn allows_origin(&self, origin: &str) -> bool {
-        let res = self
-            .http
-            .request(reqwest::Method::OPTIONS, format!("{}/api/message_groups", self.api))
-            .header("Origin", origin)
-            .header("Access-Control-Request-Method", "GET")
-            .header("Access-Control-Request-Headers", "authorization")
-            .send()
-            .await
-            .unwrap();
-        res.headers().get("access-control-allow-origin").and_then(|v| v.to_str().ok()) == Some(origin)
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // systemd notify protocol
 
@@ -238,7 +200,7 @@ async fn notify_socket_gets_ready_status_watchdog_then_stopping() {
 /// waits). The HTTP side stays healthy; the watchdog pings must stop all the same.
 #[tokio::test(flavor = "multi_thread")]
 async fn watchdog_stops_when_the_stream_loop_is_wedged() {
-    let proxy = DelayProxy::start(&support::moto_url()).await;
+    let proxy = FaultProxy::start(&support::moto_url()).await;
     let fx = Fixture::new(&format!("[aws]\nstreams_endpoint_url = \"{}\"\ncall_timeout = \"10m\"\n", proxy.url)).await;
     let sock = NotifySocket::bind(fx.dir.path());
     let path = sock.path.to_str().unwrap().to_string();
@@ -411,7 +373,7 @@ async fn deleted_config_keeps_the_running_config_and_says_so_once() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_drains_a_slow_request_and_refuses_new_connections() {
-    let proxy = DelayProxy::start(&support::moto_url()).await;
+    let proxy = FaultProxy::start(&support::moto_url()).await;
     // A request timeout well above the proxy's delay: misses give up at 0.8 of it.
     let fx =
         Fixture::new(&format!("[aws]\ndynamodb_endpoint_url = \"{}\"\n[http]\nrequest_timeout = \"20s\"\n", proxy.url))

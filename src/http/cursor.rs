@@ -5,10 +5,14 @@
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 
-use crate::model::{MessageGroupId, Sk};
+use crate::model::{MessageGroupId, Sk, MAX_SK_BYTES};
 
-/// Longest cursor accepted; ours are under 200 characters.
-const MAX_LEN: usize = 512;
+/// Longest cursor accepted: the longest this server hands out, a group cursor
+/// (`g1|<uuid>|<sk>`, base64) of the longest sk DynamoDB can hold. Usual ones are under 100
+/// characters, but an sk is kept as stored, surrounding whitespace included, and the server must
+/// accept every cursor it gave out (found by fuzzing: a padded sk made a cursor over the old
+/// limit of 512, so its next page was a 400).
+pub const MAX_LEN: usize = (3 + 36 + 1 + MAX_SK_BYTES).div_ceil(3) * 4;
 
 /// Where a page of messages ends: everything older than this sk comes next.
 pub fn encode_message(sk: &Sk) -> String {
@@ -49,7 +53,13 @@ mod tests {
         let g = MessageGroupId(uuid::Uuid::from_u128(7));
         assert_eq!(decode_group(&encode_group(&sk, g)), Some((sk.clone(), g)));
         assert_eq!(decode_message(&encode_group(&sk, g)), None, "a group cursor is not a message cursor");
-        for bad in ["", "!!!", "bTF8", &"A".repeat(600), "bTF8bm90LWEtdGltZQ"] {
+        // The longest sk a table can hold still makes a cursor that is accepted back.
+        let padded = format!("{:<width$}", "2024-01-01T00:00:00", width = MAX_SK_BYTES);
+        let longest = Sk::parse(&padded).unwrap();
+        assert_eq!(decode_group(&encode_group(&longest, g)), Some((longest.clone(), g)));
+        assert_eq!(decode_message(&encode_message(&longest)), Some(longest));
+        assert!(Sk::parse(&format!("{padded} ")).is_err(), "longer than DynamoDB allows");
+        for bad in ["", "!!!", "bTF8", &"A".repeat(MAX_LEN + 1), "bTF8bm90LWEtdGltZQ"] {
             assert_eq!(decode_message(bad), None, "{bad}");
             assert_eq!(decode_group(bad), None, "{bad}");
         }

@@ -5,7 +5,8 @@
 pub mod admin;
 pub mod api;
 pub mod auth;
-mod cursor;
+/// Public for the fuzz targets (`fuzz/`); the API is its only user.
+pub mod cursor;
 mod error;
 mod flask_json;
 

@@ -3,8 +3,6 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use aws_sdk_cognitoidentityprovider::types::{AttributeType, AuthFlowType, MessageActionType};
@@ -14,9 +12,8 @@ use cruddur_syncd::daemon::{self, Running};
 use cruddur_syncd::model::{conversation_list, ApiEntry, Message, MessageGroup, MessageGroupId, Sk, UserUuid};
 use cruddur_syncd::store::Store;
 use cruddur_syncd::tools::{self, JsonLines};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
 
+use super::workload::ApiClient;
 use super::TestDb;
 
 pub struct User {
@@ -31,7 +28,10 @@ pub struct App {
     pub running: Option<Running>,
     pub api: String,
     pub admin: String,
+    /// The shared moto: Cognito and the JWKS.
     pub moto: String,
+    /// The moto that holds the table (the shared one unless [`Setup::table_moto`]).
+    pub ddb_url: String,
     pub table: String,
     pub pool_id: String,
     pub client_id: String,
@@ -50,8 +50,19 @@ pub struct App {
 pub struct Setup {
     /// Extra lines appended to the config file (whole sections).
     pub extra_config: String,
-    /// DynamoDB (not Streams) goes through this endpoint instead of moto.
+    /// The daemon's DynamoDB client goes through this endpoint (a proxy) instead of moto.
     pub dynamodb_endpoint: Option<String>,
+    /// The daemon's DynamoDB Streams client goes through this endpoint instead of moto.
+    pub streams_endpoint: Option<String>,
+    /// The moto that holds the table (a test's own, to restart it); default: the shared one.
+    /// Cognito (and so the tokens) stays on the shared moto.
+    pub table_moto: Option<String>,
+    /// A PostgreSQL database of the test's own (a throwaway cluster, to stop it) instead of a
+    /// new database on the shared server; the users schema is loaded into it.
+    pub postgres_url: Option<String>,
+    /// Prepare everything (config file, table, database) but do not start a daemon: the test
+    /// runs the binary itself ([`super::daemon::Daemon`]) with `config_path`.
+    pub external_daemon: bool,
 }
 
 impl App {
@@ -60,22 +71,43 @@ impl App {
     }
 
     pub async fn start_with(setup: Setup) -> App {
+        // The in-process daemon logs only when asked (RUST_LOG), to debug a failing test.
+        if std::env::var_os("RUST_LOG").is_some() {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+                .with_test_writer()
+                .try_init();
+        }
         let moto = super::moto_url();
         let sdk = super::sdk_config(&moto).await;
-        let ddb = super::ddb_client(&sdk);
+        let ddb_url = setup.table_moto.clone().unwrap_or_else(|| moto.clone());
+        let ddb = super::ddb_client(&super::sdk_config(&ddb_url).await);
         let cognito = super::cognito_client(&sdk);
         let pool_id = super::create_pool(&cognito, "api-").await;
         let client_id = super::create_app_client(&cognito, &pool_id, "api-test").await;
-        let db = TestDb::create().await;
-        let pg = sqlx::PgPool::connect(&db.url).await.unwrap();
+        let (db, pg_url) = match &setup.postgres_url {
+            Some(url) => (None, url.clone()),
+            None => {
+                let db = TestDb::create().await;
+                let url = db.url.clone();
+                (Some(db), url)
+            }
+        };
+        let pg = sqlx::PgPool::connect(&pg_url).await.unwrap();
         sqlx::raw_sql(tools::db::SCHEMA).execute(&pg).await.unwrap();
 
         let dir = tempfile::tempdir().unwrap();
         let table = super::unique("api-");
-        let path = super::write_config(dir.path(), &moto, &table, &db.url, &pool_id, &client_id);
+        let path = super::write_config(dir.path(), &moto, &table, &pg_url, &pool_id, &client_id);
         let mut text = std::fs::read_to_string(&path).unwrap();
-        if let Some(ep) = &setup.dynamodb_endpoint {
-            text = text.replace("[aws]\n", &format!("[aws]\ndynamodb_endpoint_url = \"{ep}\"\n"));
+        let endpoints = [
+            ("dynamodb_endpoint_url", setup.dynamodb_endpoint.as_ref().or(setup.table_moto.as_ref())),
+            ("streams_endpoint_url", setup.streams_endpoint.as_ref().or(setup.table_moto.as_ref())),
+        ];
+        for (key, url) in endpoints {
+            if let Some(url) = url {
+                text = text.replace("[aws]\n", &format!("[aws]\n{key} = \"{url}\"\n"));
+            }
         }
         text.push_str("\n[stream]\npoll_interval = \"100ms\"\nshard_sync_interval = \"2s\"\n");
         // Merge the test's sections key by key into the base file.
@@ -90,22 +122,28 @@ impl App {
         std::fs::write(&path, toml::to_string(&doc).unwrap()).unwrap();
         let loaded = config::load(&path).unwrap();
 
-        let store = Store::new(ddb.clone(), table.clone(), moto.clone());
+        let store = Store::new(ddb.clone(), table.clone(), ddb_url.clone());
         tools::ddb::schema_load(&loaded.config, &store, &mut JsonLines::new(Vec::new())).await.unwrap();
 
-        let running = daemon::start(&loaded).await.unwrap_or_else(|e| panic!("daemon did not start: {e}"));
-        let api = format!("http://{}", running.api_addr);
-        let admin = format!("http://{}", running.admin_addr);
         let http = reqwest::Client::builder().pool_max_idle_per_host(64).build().unwrap();
+        let running = if setup.external_daemon {
+            None
+        } else {
+            Some(daemon::start(&loaded).await.unwrap_or_else(|e| panic!("daemon did not start: {e}")))
+        };
+        let addr = |a: Option<std::net::SocketAddr>| a.map(|a| format!("http://{a}")).unwrap_or_default();
+        let api = addr(running.as_ref().map(|r| r.api_addr));
+        let admin = addr(running.as_ref().map(|r| r.admin_addr));
         let app = App {
-            running: Some(running),
+            running,
             api,
             admin,
             moto,
+            ddb_url,
             table,
             pool_id,
             client_id,
-            db: Some(db),
+            db,
             ddb,
             cognito,
             pg,
@@ -114,6 +152,9 @@ impl App {
             config_path: path,
             _dir: dir,
         };
+        if app.running.is_none() {
+            return app;
+        }
         let url = format!("{}/readyz", app.admin);
         let http = app.http.clone();
         super::wait_until(Duration::from_secs(20), "the daemon is ready", || {
@@ -203,7 +244,12 @@ impl App {
     }
 
     pub fn store(&self) -> Store {
-        Store::new(self.ddb.clone(), self.table.clone(), self.moto.clone())
+        Store::new(self.ddb.clone(), self.table.clone(), self.ddb_url.clone())
+    }
+
+    /// The in-process daemon's API as a client sees it.
+    pub fn api_client(&self) -> ApiClient {
+        ApiClient { http: self.http.clone(), base: self.api.clone() }
     }
 
     /// Every conversation of `user` as SPEC section 2 defines it, read from DynamoDB.
@@ -218,34 +264,14 @@ impl App {
         self.store().messages(group).await.unwrap().0
     }
 
-    /// Every item of a list route, following `Link: rel="next"`, in the route's order across
-    /// pages: conversations newest first; messages oldest first (each page is oldest first
-    /// and pages go back in time, so they are put together in reverse).
+    /// Every item of a list route across its pages, in the route's order ([`ApiClient::all_pages`]).
     pub async fn all_pages(&self, first: &str, token: &str) -> Vec<serde_json::Value> {
-        let pages = self.pages(first, token).await;
-        if first.starts_with("/api/messages/") {
-            pages.into_iter().rev().flatten().collect()
-        } else {
-            pages.into_iter().flatten().collect()
-        }
+        self.api_client().all_pages(first, token).await
     }
 
     /// Every page of a list route, as served.
     pub async fn pages(&self, first: &str, token: &str) -> Vec<Vec<serde_json::Value>> {
-        let mut out = Vec::new();
-        let mut next = Some(first.to_string());
-        while let Some(path) = next.take() {
-            let res = self.get(&path, token).await;
-            assert_eq!(res.status(), 200, "{path}");
-            next = res
-                .headers()
-                .get("link")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix('<')?.split_once(">; rel=\"next\"").map(|(u, _)| u.to_string()));
-            let page: Vec<serde_json::Value> = res.json().await.unwrap();
-            out.push(page);
-        }
-        out
+        self.api_client().pages(first, token).await
     }
 
     pub async fn put_group(&self, g: &MessageGroup) {
@@ -309,66 +335,6 @@ pub fn conversation_rows(group: MessageGroupId, sk: Sk, a: &User, b: &User, text
 /// Entries as JSON values, to compare with the API's.
 pub fn entries_json(entries: &[ApiEntry]) -> Vec<serde_json::Value> {
     entries.iter().map(|e| serde_json::to_value(e).unwrap()).collect()
-}
-
-/// A TCP proxy to `upstream` that can hold every answer back for a while: a real connection
-/// made slow, for the load/stream race test.
-pub struct DelayProxy {
-    pub url: String,
-    delay_ms: Arc<AtomicU64>,
-    down: Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl DelayProxy {
-    pub async fn start(upstream: &str) -> DelayProxy {
-        let upstream = upstream.trim_start_matches("http://").to_string();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let delay_ms = Arc::new(AtomicU64::new(0));
-        let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (delay, is_down) = (delay_ms.clone(), down.clone());
-        tokio::spawn(async move {
-            while let Ok((client, _)) = listener.accept().await {
-                if is_down.load(Ordering::Relaxed) {
-                    drop(client); // the upstream is "down": every connection is closed at once
-                    continue;
-                }
-                let (upstream, delay) = (upstream.clone(), delay.clone());
-                tokio::spawn(async move {
-                    let Ok(server) = TcpStream::connect(&upstream).await else { return };
-                    let (mut cr, mut cw) = client.into_split();
-                    let (mut sr, mut sw) = server.into_split();
-                    let up = tokio::spawn(async move { tokio::io::copy(&mut cr, &mut sw).await });
-                    let mut buf = vec![0u8; 64 * 1024];
-                    loop {
-                        let n = match sr.read(&mut buf).await {
-                            Ok(0) | Err(_) => break,
-                            Ok(n) => n,
-                        };
-                        let d = delay.load(Ordering::Relaxed);
-                        if d > 0 {
-                            tokio::time::sleep(Duration::from_millis(d)).await;
-                        }
-                        if cw.write_all(&buf[..n]).await.is_err() {
-                            break;
-                        }
-                    }
-                    up.abort();
-                });
-            }
-        });
-        DelayProxy { url, delay_ms, down }
-    }
-
-    /// While down, new connections are closed at once (pooled ones are not cut: the SDK
-    /// notices on their next use).
-    pub fn set_down(&self, down: bool) {
-        self.down.store(down, Ordering::Relaxed);
-    }
-
-    pub fn set_delay(&self, d: Duration) {
-        self.delay_ms.store(d.as_millis() as u64, Ordering::Relaxed);
-    }
 }
 
 /// Renders `entries` with Flask itself (moto's venv ships it): the bytes the Flask app sends.

@@ -1,5 +1,5 @@
-//! The daemon binary as a child process: spawned with a config, its stderr collected line by
-//! line, its addresses read from the `serving` log line, killed when dropped.
+//! The daemon binary (`cruddur-syncd run`) as a child process, its stderr collected line by
+//! line: for tests that signal, kill or restart the real process.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 pub struct Daemon {
     pub child: Child,
     log: Arc<Mutex<Vec<String>>>,
+    /// `http://127.0.0.1:PORT` of `http.listen` and `admin.listen` (the config asks for port 0).
     pub api: String,
     pub admin: String,
     pub http: reqwest::Client,
@@ -88,18 +89,60 @@ impl Daemon {
         .await;
     }
 
-    /// SIGTERM, then the exit status (bounded: the daemon must stop by itself).
-    /// The text of `/metrics`.
+    /// The admin listener's `/metrics` text.
     pub async fn metrics(&self) -> String {
         self.http.get(format!("{}/metrics", self.admin)).send().await.unwrap().text().await.unwrap()
     }
 
-    /// SIGKILL: no shutdown of any kind, as when the machine dies; returns once it is gone.
-    pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    /// SIGKILL: no drain, no goodbye, like the OOM killer or a power cut. Returns once the
+    /// process is gone.
+    pub fn kill9(mut self) -> String {
+        self.signal("-KILL");
+        let status = self.child.wait().unwrap();
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(9),
+            "the daemon was not killed by SIGKILL: {status}"
+        );
+        self.log_text()
     }
 
+    pub async fn reloads(&self, result: &str) -> f64 {
+        let text = self.http.get(format!("{}/metrics", self.admin)).send().await.unwrap().text().await.unwrap();
+        metric(&text, "cruddur_syncd_config_reloads_total", &format!("result=\"{result}\""))
+    }
+
+    pub async fn wait_reloads(&self, result: &str, n: f64) {
+        let what = format!("config_reloads_total{{result=\"{result}\"}} reaches {n}");
+        let end = Instant::now() + Duration::from_secs(15);
+        loop {
+            let got = self.reloads(result).await;
+            if got == n {
+                return;
+            }
+            assert!(got < n, "{what}: it is {got}\n{}", self.log_text());
+            if Instant::now() > end {
+                panic!("timed out waiting until {what} (it is {got}):\n{}", self.log_text());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Whether a CORS preflight from `origin` is allowed by the API.
+    pub async fn allows_origin(&self, origin: &str) -> bool {
+        let res = self
+            .http
+            .request(reqwest::Method::OPTIONS, format!("{}/api/message_groups", self.api))
+            .header("Origin", origin)
+            .header("Access-Control-Request-Method", "GET")
+            .header("Access-Control-Request-Headers", "authorization")
+            .send()
+            .await
+            .unwrap();
+        res.headers().get("access-control-allow-origin").and_then(|v| v.to_str().ok()) == Some(origin)
+    }
+
+    /// SIGTERM, then the exit status (bounded: the daemon must stop by itself).
     pub async fn terminate(mut self) -> (Option<i32>, String) {
         self.signal("-TERM");
         let end = Instant::now() + Duration::from_secs(30);
@@ -125,7 +168,7 @@ impl Drop for Daemon {
     }
 }
 
-/// The sum of the samples of `name` whose line contains `needle`.
+/// The sum of a metric's samples whose line contains `needle`.
 pub fn metric(text: &str, name: &str, needle: &str) -> f64 {
     text.lines()
         .filter(|l| l.starts_with(name) && l.contains(needle))

@@ -19,7 +19,9 @@ use sqlx::{Connection, PgConnection};
 
 pub mod app;
 pub mod daemon;
+pub mod fault_proxy;
 pub mod pgcluster;
+pub mod workload;
 
 pub const PG_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 
@@ -176,7 +178,7 @@ fn launch(port: Option<u16>) -> (Child, u16, PathBuf) {
     panic!("moto failed to start 3 times: {failure}");
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("binding 127.0.0.1:0 to find a free port")
