@@ -33,6 +33,7 @@ pub struct Config {
     pub auth: AuthConfig,
     pub postgres: PostgresConfig,
     pub reconcile: ReconcileConfig,
+    pub projector: ProjectorConfig,
     pub log: LogConfig,
 }
 
@@ -244,6 +245,47 @@ impl Default for ReconcileConfig {
             jitter: Duration::from_secs(30),
             match_on: MatchOn::Handle,
             cognito_max_rps: 5,
+        }
+    }
+}
+
+/// Where the projector reads a stream it has no checkpoint for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum InitialPosition {
+    /// Every record still retained (24 h): nothing written before the first start is missed.
+    #[default]
+    TrimHorizon,
+    /// Only records written from now on.
+    Latest,
+}
+
+/// The group projector (`src/projector/`): moves conversation rows to the newest message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProjectorConfig {
+    pub enabled: bool,
+    /// How often a standby instance tries to take the projector lock, and how often the leader
+    /// checks that its lock connection is still alive.
+    #[serde(with = "humantime_serde")]
+    pub lock_check_interval: Duration,
+    pub initial_position: InitialPosition,
+    /// Attempts of a record that DynamoDB keeps refusing (an error answer) before it is skipped.
+    pub max_attempts: u32,
+    /// A record that keeps failing for any reason (DynamoDB unreachable, throttled) is skipped
+    /// after this long, so a shard is never blocked for good.
+    #[serde(with = "humantime_serde")]
+    pub give_up_after: Duration,
+}
+
+impl Default for ProjectorConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            lock_check_interval: Duration::from_secs(5),
+            initial_position: InitialPosition::TrimHorizon,
+            max_attempts: 5,
+            give_up_after: Duration::from_secs(600),
         }
     }
 }
@@ -508,7 +550,7 @@ fn env_candidates(raw: &str) -> Vec<toml::Value> {
 }
 
 const SECTIONS: &[&str] =
-    &["aws", "dynamodb", "stream", "cache", "http", "admin", "auth", "postgres", "reconcile", "log"];
+    &["aws", "dynamodb", "stream", "cache", "http", "admin", "auth", "postgres", "reconcile", "projector", "log"];
 
 /// Deserializes one key in isolation through its section's own type, so type errors name the
 /// key and unknown keys are caught with the same `deny_unknown_fields` the full parse uses.
@@ -523,6 +565,7 @@ fn accept_key(section: &str, key: &str, candidates: Vec<toml::Value>) -> Result<
         "auth" => probe::<AuthConfig>,
         "postgres" => probe::<PostgresConfig>,
         "reconcile" => probe::<ReconcileConfig>,
+        "projector" => probe::<ProjectorConfig>,
         "log" => probe::<LogConfig>,
         _ => return Err(format!("unknown section [{section}]")),
     };
@@ -721,6 +764,22 @@ pub fn validate(c: &Config) -> Vec<Problem> {
     }
     if !(1..=50).contains(&c.reconcile.cognito_max_rps) {
         bad("reconcile.cognito_max_rps", "must be between 1 and 50".into());
+    }
+    if c.projector.lock_check_interval < Duration::from_millis(100)
+        || c.projector.lock_check_interval > Duration::from_secs(600)
+    {
+        bad("projector.lock_check_interval", "must be between 100ms and 10m".into());
+    }
+    if !(1..=100).contains(&c.projector.max_attempts) {
+        bad("projector.max_attempts", "must be between 1 and 100".into());
+    }
+    if c.projector.give_up_after < Duration::from_millis(100)
+        || c.projector.give_up_after > Duration::from_secs(6 * 3600)
+    {
+        bad(
+            "projector.give_up_after",
+            "must be between 100ms and 6h (stream records are kept 24h; a shard must never wait that long)".into(),
+        );
     }
     if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&c.log.level) {
         bad("log.level", format!("{:?} is not a tracing filter: {e}", c.log.level));

@@ -11,6 +11,8 @@
 //!
 //! Reconciliation runs on its own schedule in the background ([`crate::reconcile::schedule`]);
 //! its settings come through a watch channel so that a reload can change them between ticks.
+//! With `[projector] enabled = true` the group projector ([`crate::projector`]) runs beside
+//! them: it waits for its lock and, while it holds it, tails the stream with a tailer of its own.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,6 +32,7 @@ use crate::http::api::{ApiOptions, ApiState};
 use crate::http::auth::{AuthSlot, Authenticator};
 use crate::http::{self, Heartbeat, ServeOptions};
 use crate::metrics::Metrics;
+use crate::projector::Projector;
 use crate::reconcile::{self, Reconciler};
 use crate::reload::Live;
 use crate::store::Store;
@@ -101,6 +104,20 @@ pub async fn start(loaded: &LoadedConfig) -> Result<Running> {
     // Live-reloadable settings travel in watch channels.
     let (poll_tx, poll_rx) = watch::channel(cfg.stream.poll_interval);
     let (reconcile_tx, reconcile_rx) = watch::channel(cfg.reconcile.clone());
+    if cfg.projector.enabled {
+        let projector = Projector {
+            source: Arc::new(AwsSource::new(clients.dynamodb.clone(), clients.streams.clone())),
+            store: Store::new(clients.dynamodb.clone(), cfg.dynamodb.table.clone(), clients.endpoints.dynamodb.clone()),
+            group_index: cfg.dynamodb.group_index.clone(),
+            stream: cfg.stream.clone(),
+            poll_interval: poll_rx.clone(),
+            pg: pg_opts.clone(),
+            connect_timeout: cfg.postgres.connect_timeout,
+            cfg: cfg.projector.clone(),
+            metrics: metrics.clone(),
+        };
+        tasks.spawn(projector.run(background.child_token()));
+    }
     let tailer = Tailer::new(source, cfg.dynamodb.table.clone(), cfg.stream.clone(), metrics.clone())
         .with_poll_interval(poll_rx);
     let stream_status = tailer.status();

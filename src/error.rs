@@ -60,6 +60,14 @@ where
         SdkError::ServiceError(se) => {
             let e = se.err();
             let code = e.code().unwrap_or("error");
+            // Throttling and the service's own failures pass: the dependency is there but cannot
+            // serve now, which callers treat like an unreachable one (retry later, exit 69).
+            if is_transient_code(code) {
+                return Error::Unavailable(match e.message() {
+                    Some(m) if !m.is_empty() => format!("{context}: {code}: {m}"),
+                    _ => format!("{context}: {code}"),
+                });
+            }
             match e.message() {
                 Some(m) if !m.is_empty() => Error::Failed(format!("{context}: {code}: {m}")),
                 _ => Error::Failed(format!("{context}: {code}")),
@@ -75,4 +83,23 @@ pub fn sdk_code<E: ProvideErrorMetadata, R>(err: &SdkError<E, R>) -> Option<&str
         SdkError::ServiceError(se) => se.err().code(),
         _ => None,
     }
+}
+
+/// AWS error codes that say "not now" rather than "not this request": throttling, limits and
+/// server-side failures.
+pub fn is_transient_code(code: &str) -> bool {
+    matches!(
+        code,
+        "ProvisionedThroughputExceededException"
+            | "ThrottlingException"
+            | "Throttling"
+            | "RequestLimitExceeded"
+            | "LimitExceededException"
+            | "TooManyRequestsException"
+            | "InternalServerError"
+            | "InternalFailure"
+            | "ServiceUnavailable"
+            | "ServiceUnavailableException"
+            | "TransactionInProgressException"
+    )
 }

@@ -8,6 +8,9 @@
 //!   DynamoDB ──(store: Query)──> cache <──(stream: decoded changes)── DynamoDB Streams
 //!                                  │
 //!   HTTP clients ──(http: JWT)─────┘        Cognito ──(reconcile)──> PostgreSQL users
+//!
+//!   DynamoDB Streams ──(projector: message INSERTs)──> DynamoDB group rows
+//!                          └── lock + checkpoints ──> PostgreSQL
 //! ```
 //!
 //! - [`config`]: the typed config and its validation.
@@ -17,6 +20,8 @@
 //! - [`store`]: the DynamoDB reads and writes, paginated to the end.
 //! - [`reconcile`]: Cognito `sub` -> `users.cognito_user_id`, set-based, one run at a time per
 //!   database across a fleet (advisory lock), on a schedule inside the daemon.
+//! - [`projector`]: moves conversation rows to the newest message from the stream, one instance
+//!   per fleet (advisory lock), resuming from checkpoints in PostgreSQL.
 //! - [`tools`]: the operator subcommands; [`check`]: the config and dependency report.
 //! - [`daemon`]: the `run` command.
 
@@ -32,6 +37,7 @@ pub mod logging;
 pub mod metrics;
 pub mod model;
 pub mod pg;
+pub mod projector;
 pub mod reconcile;
 pub mod reload;
 pub mod service;

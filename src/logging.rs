@@ -37,7 +37,7 @@ pub fn init(cfg: &LogConfig) -> Option<String> {
         _ => (EnvFilter::try_new(&cfg.level).unwrap_or_else(|_| EnvFilter::new("info")), false),
     };
     let mut note = None;
-    let layer: Box<dyn Layer<Registry> + Send + Sync> = match cfg.format {
+    let layer: Box<dyn Layer<Filtered> + Send + Sync> = match cfg.format {
         LogFormat::Text => text_layer(),
         LogFormat::Json => Box::new(tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr)),
         LogFormat::Journald => match tracing_journald::layer() {
@@ -51,8 +51,13 @@ pub fn init(cfg: &LogConfig) -> Option<String> {
         },
     };
     let (filter, handle) = reload::Layer::new(filter);
+    // The filter is a global layer, not a per-layer filter (`layer.with_filter`): per-layer
+    // filters hand their verdict to the layer through a thread-local that sqlx's query logger
+    // overwrites (it asks `enabled` for its own metadata after every query), so the next event
+    // of a callsite cached as "always" was silently dropped (tokio-rs/tracing#2519): e.g. the
+    // projector's "lock taken" line right after its checkpoint queries.
     // A second init (tests calling in-process) keeps the first subscriber.
-    if Registry::default().with(layer.with_filter(filter)).try_init().is_ok() {
+    if Registry::default().with(filter).with(layer).try_init().is_ok() {
         let _ = INSTALLED.set(Installed { handle, from_rust_log });
     }
     note
@@ -69,7 +74,10 @@ pub fn set_level(level: &str) -> Result<LevelChange, String> {
     Ok(LevelChange::Applied)
 }
 
-fn text_layer() -> Box<dyn Layer<Registry> + Send + Sync> {
+/// The registry under its (reloadable) filter: what the output layer sits on.
+type Filtered = tracing_subscriber::layer::Layered<reload::Layer<EnvFilter, Registry>, Registry>;
+
+fn text_layer() -> Box<dyn Layer<Filtered> + Send + Sync> {
     let ansi = std::env::var_os("NO_COLOR").is_none() && std::io::IsTerminal::is_terminal(&std::io::stderr());
     Box::new(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi))
 }

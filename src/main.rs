@@ -78,6 +78,12 @@ enum Ddb {
     },
     /// A user's conversations, newest first (the handle is looked up in PostgreSQL)
     ListConversations { handle: String },
+    /// Recompute every conversation row from the messages (prints the plan; --apply writes it)
+    RepairGroups {
+        /// Write the fixes (without it nothing is written)
+        #[arg(long)]
+        apply: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -169,6 +175,9 @@ async fn dispatch(command: Command, loaded: LoadedConfig) -> Result<u8, Error> {
         }
         Command::Ddb(Ddb::ListConversations { handle }) => {
             tools::ddb::list_conversations(cfg, &store(), &handle, &mut out).await?
+        }
+        Command::Ddb(Ddb::RepairGroups { apply }) => {
+            tools::repair::repair_groups(&store(), &cfg.dynamodb.group_index, apply, &mut out).await?
         }
         Command::Db(Db::SchemaLoad) => tools::db::schema_load(&cfg.postgres, &mut out).await?,
         Command::Db(Db::Seed) => tools::db::seed(&cfg.postgres, &mut out).await?,

@@ -113,6 +113,14 @@ pub struct OutcomeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+/// The `reason` values of `projector_records_skipped_total`.
+pub const PROJECTOR_SKIP_REASONS: [&str; 5] = ["not_message", "stale", "no_group_rows", "gone", "failed"];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct VersionLabels {
     pub version: &'static str,
 }
@@ -142,6 +150,13 @@ pub struct Metrics {
     pub reconcile_last_success_timestamp_seconds: FloatGauge,
     pub reconcile_users: Family<OutcomeLabels, Gauge>,
     pub config_reloads: Family<RunLabels, Counter>,
+    pub projector_records: Counter,
+    pub projector_rows_moved: Counter,
+    pub projector_records_skipped: Family<ReasonLabels, Counter>,
+    pub projector_failures: Counter,
+    pub projector_conflicts: Counter,
+    pub projector_lag_seconds: FloatGauge,
+    pub projector_leader: Gauge,
     pub build_info: Family<VersionLabels, Gauge>,
     hot: HotSeries,
 }
@@ -204,6 +219,13 @@ impl Metrics {
             reconcile_last_success_timestamp_seconds: FloatGauge::default(),
             reconcile_users: Family::default(),
             config_reloads: Family::default(),
+            projector_records: Counter::default(),
+            projector_rows_moved: Counter::default(),
+            projector_records_skipped: Family::default(),
+            projector_failures: Counter::default(),
+            projector_conflicts: Counter::default(),
+            projector_lag_seconds: FloatGauge::default(),
+            projector_leader: Gauge::default(),
             build_info: Family::default(),
             registry: Registry::default(),
             hot: HotSeries::placeholder(),
@@ -243,6 +265,41 @@ impl Metrics {
         );
         registry.register("reconcile_users", "Users by outcome in the last reconciliation", m.reconcile_users.clone());
         registry.register("config_reloads", "Config reloads, by result", m.config_reloads.clone());
+        registry.register(
+            "projector_records",
+            "Stream records the projector handled (every event, its own writes included)",
+            m.projector_records.clone(),
+        );
+        registry.register(
+            "projector_rows_moved",
+            "Conversation rows the projector moved to a newer message",
+            m.projector_rows_moved.clone(),
+        );
+        registry.register(
+            "projector_records_skipped",
+            "Stream records that moved no row, by reason",
+            m.projector_records_skipped.clone(),
+        );
+        registry.register(
+            "projector_failures",
+            "Failed attempts to project a record (each retry counts)",
+            m.projector_failures.clone(),
+        );
+        registry.register(
+            "projector_conflicts",
+            "Row moves cancelled because another writer changed the rows first (re-read and retried)",
+            m.projector_conflicts.clone(),
+        );
+        registry.register(
+            "projector_lag_seconds",
+            "Now minus ApproximateCreationDateTime of the last record the projector applied",
+            m.projector_lag_seconds.clone(),
+        );
+        registry.register(
+            "projector_leader",
+            "1 while this instance holds the projector lock and runs the projector, else 0",
+            m.projector_leader.clone(),
+        );
         registry.register("build_info", "Build information", m.build_info.clone());
         m.build_info.get_or_create(&VersionLabels { version: env!("CARGO_PKG_VERSION") }).set(1);
         // Every known label value starts at 0, so dashboards and rate() see a series from the
@@ -271,6 +328,9 @@ impl Metrics {
         }
         for outcome in ["updated", "unchanged", "unmatched", "conflict", "skipped"] {
             let _ = m.reconcile_users.get_or_create(&OutcomeLabels { outcome });
+        }
+        for reason in PROJECTOR_SKIP_REASONS {
+            let _ = m.projector_records_skipped.get_or_create(&ReasonLabels { reason });
         }
         for result in [RunResult::success, RunResult::failure, RunResult::skipped] {
             let _ = m.reconcile_runs.get_or_create(&RunLabels { result });

@@ -7,7 +7,7 @@ use aws_sdk_dynamodb::types::{AttributeValue, Select};
 use aws_sdk_dynamodb::Client;
 
 use crate::error::{from_sdk, Result};
-use crate::model::{decode_item, DecodeError, Item, Message, MessageGroup, MessageGroupId, Pk, UserUuid};
+use crate::model::{decode_item, DecodeError, Item, ItemKey, Message, MessageGroup, MessageGroupId, Pk, UserUuid};
 
 pub type RawItem = HashMap<String, AttributeValue>;
 
@@ -52,23 +52,47 @@ impl Store {
     /// Every item of a partition, in sk string order (`forward`) or reverse, stopping once
     /// `limit` items were read.
     pub async fn query_partition(&self, pk: &Pk, forward: bool, limit: Option<usize>) -> Result<Vec<RawItem>> {
+        let query = self
+            .client
+            .query()
+            .table_name(&self.table)
+            .key_condition_expression("pk = :pk")
+            .expression_attribute_values(":pk", AttributeValue::S(pk.to_string()))
+            .scan_index_forward(forward)
+            .consistent_read(true)
+            .select(Select::AllAttributes);
+        self.query_pages(query, &format!("Query {pk}"), limit).await
+    }
+
+    /// Every row of one conversation through the group index (`message_group_uuid` HASH): one
+    /// row per participant, more when a writer left duplicates. Index reads are eventually
+    /// consistent (DynamoDB offers nothing else on a GSI); writers must check what they read.
+    pub async fn query_group_index(&self, index: &str, group: MessageGroupId) -> Result<Vec<RawItem>> {
+        let query = self
+            .client
+            .query()
+            .table_name(&self.table)
+            .index_name(index)
+            .key_condition_expression("message_group_uuid = :g")
+            .expression_attribute_values(":g", AttributeValue::S(group.to_string()));
+        self.query_pages(query, &format!("Query {index} for group {group}"), None).await
+    }
+
+    /// Runs `query` page by page until the end, or until `limit` items were read.
+    async fn query_pages(
+        &self,
+        query: aws_sdk_dynamodb::operation::query::builders::QueryFluentBuilder,
+        what: &str,
+        limit: Option<usize>,
+    ) -> Result<Vec<RawItem>> {
         let mut out = Vec::new();
         let mut start: Option<RawItem> = None;
         loop {
-            let mut q = self
-                .client
-                .query()
-                .table_name(&self.table)
-                .key_condition_expression("pk = :pk")
-                .expression_attribute_values(":pk", AttributeValue::S(pk.to_string()))
-                .scan_index_forward(forward)
-                .consistent_read(true)
-                .select(Select::AllAttributes)
-                .set_exclusive_start_key(start.take());
+            let mut q = query.clone().set_exclusive_start_key(start.take());
             if let Some(limit) = limit {
                 q = q.limit((limit - out.len()).clamp(1, 1000) as i32);
             }
-            let page = q.send().await.map_err(|e| from_sdk(self.context(&format!("Query {pk}")), e))?;
+            let page = q.send().await.map_err(|e| from_sdk(self.context(what), e))?;
             out.extend(page.items.unwrap_or_default());
             if limit.is_some_and(|l| out.len() >= l) {
                 break;
@@ -79,6 +103,21 @@ impl Store {
             }
         }
         Ok(out)
+    }
+
+    /// One item by its key, read consistently; `None` when there is none.
+    pub async fn get_item(&self, key: &ItemKey) -> Result<Option<RawItem>> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .key("pk", AttributeValue::S(key.pk.to_string()))
+            .key("sk", AttributeValue::S(key.sk.as_str().to_string()))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| from_sdk(self.context(&format!("GetItem {} {}", key.pk, key.sk)), e))?;
+        Ok(out.item)
     }
 
     /// A user's group rows, decoded; rows that do not fit the model are returned apart.

@@ -266,3 +266,24 @@ fn usage_errors_exit_2() {
     let out = run(&["ddb", "seed", "--now", "yesterday"], &[]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn projector_section_is_validated_key_by_key() {
+    let c = load(VALID, &[]).unwrap().config;
+    assert!(!c.projector.enabled, "the projector is opt-in");
+    let text = format!(
+        "{VALID}\n[projector]\nenabled = true\nlock_check_interval = \"10ms\"\nmax_attempts = 0\n\
+         give_up_after = \"2d\"\ninitial_position = \"middle\"\nlease = \"5s\"\n"
+    );
+    let p = problems(&text, &[]);
+    assert_problem(&p, "projector.lock_check_interval", "between 100ms and 10m");
+    assert_problem(&p, "projector.max_attempts", "between 1 and 100");
+    assert_problem(&p, "projector.give_up_after", "between 100ms and 6h");
+    assert_problem(&p, "projector.initial_position", "middle");
+    assert_problem(&p, "projector.lease", "unknown key");
+    let ok = format!("{VALID}\n[projector]\nenabled = true\ninitial_position = \"latest\"\n");
+    let c = load(&ok, &[("CRUDDUR_SYNCD__PROJECTOR__GIVE_UP_AFTER", "30s")]).unwrap().config;
+    assert!(c.projector.enabled);
+    assert_eq!(c.projector.initial_position, cruddur_syncd::config::InitialPosition::Latest);
+    assert_eq!(c.projector.give_up_after, Duration::from_secs(30));
+}

@@ -15,7 +15,9 @@ use cruddur_syncd::metrics::{ErrorLabels, Metrics, StreamErrorKind, StreamEvent}
 use cruddur_syncd::model::{Item, Message, MessageGroupId, MessageId, Sk, UserUuid};
 use cruddur_syncd::stream::scripted::{Op, ScriptedSource};
 use cruddur_syncd::stream::source::{Position, SourceError};
-use cruddur_syncd::stream::{Change, GapReason, Tailer, TailerState, TailerStatus};
+use cruddur_syncd::stream::{
+    Change, FreshStart, GapReason, Progress, SavedPositions, ShardId, StartPlan, Tailer, TailerState, TailerStatus,
+};
 use support::{wait_until, RecordingSink, SinkEvent};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -38,10 +40,14 @@ fn start(source: ScriptedSource) -> Harness {
 }
 
 fn start_with(source: ScriptedSource, cfg: StreamConfig) -> Harness {
+    start_planned(source, cfg, StartPlan::default())
+}
+
+fn start_planned(source: ScriptedSource, cfg: StreamConfig, plan: StartPlan) -> Harness {
     let source = Arc::new(source);
     let sink = Arc::new(RecordingSink::default());
     let metrics = Arc::new(Metrics::new());
-    let tailer = Tailer::new(Arc::clone(&source), "cruddur-messages", cfg, Arc::clone(&metrics));
+    let tailer = Tailer::new(Arc::clone(&source), "cruddur-messages", cfg, Arc::clone(&metrics)).with_start(plan);
     let status = tailer.status();
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(tailer.run(Arc::clone(&sink), shutdown.clone()));
@@ -515,5 +521,90 @@ async fn a_busy_shard_is_read_at_most_five_times_a_second() {
     assert!((49..=51).contains(&calls), "{calls} GetRecords in 10 s on a shard with a backlog");
     assert_eq!(h.texts().len(), calls as usize, "every call returned one record");
     h.delivered(&expected).await;
+    h.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Start plans (the projector's checkpoints)
+
+fn progress_of(h: &Harness) -> Vec<Progress> {
+    h.sink
+        .events()
+        .into_iter()
+        .filter_map(|e| match e {
+            SinkEvent::Progress(p) => Some(p),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn saved_positions_resume_after_their_record_skip_finished_shards_and_start_new_ones_at_trim_horizon() {
+    let source = ScriptedSource::new("arn:stream/1", &["a"]);
+    source.push_upsert("a", StreamEvent::INSERT, &message("a1", 1));
+    let a2 = source.push_upsert("a", StreamEvent::INSERT, &message("a2", 2));
+    source.push_upsert("a", StreamEvent::INSERT, &message("a3", 3));
+    source.split("a", &["b", "c"]);
+    let b1 = source.push_upsert("b", StreamEvent::INSERT, &message("b1", 4));
+    source.push_upsert("c", StreamEvent::INSERT, &message("c1", 5));
+    let plan = StartPlan {
+        fresh: FreshStart::Latest,
+        resume: Some(SavedPositions {
+            stream_arn: "arn:stream/1".into(),
+            after: [(ShardId::from("a"), a2.clone())].into(),
+            finished: [ShardId::from("c")].into(),
+        }),
+    };
+    let h = start_planned(source, StreamConfig::default(), plan);
+    h.delivered(&["a3".to_string(), "b1".to_string()]).await;
+    assert_eq!(h.texts(), ["a3", "b1"], "nothing before the checkpoint, nothing of a finished shard");
+    assert_eq!(h.source.positions_for("a"), [Position::AfterSequenceNumber(a2)]);
+    assert_eq!(h.source.positions_for("b"), [Position::TrimHorizon], "a shard never read starts at its beginning");
+    assert!(h.source.positions_for("c").is_empty());
+
+    // Progress follows every applied page, and says when a shard was read to its end.
+    wait_until(DEADLINE, "b's progress is reported", || {
+        let ok = progress_of(&h).iter().any(|p| p.shard_id.as_str() == "b");
+        async move { ok }
+    })
+    .await;
+    let progress = progress_of(&h);
+    let a_done = progress.iter().position(|p| p.shard_id.as_str() == "a" && p.finished).expect("a finished");
+    let b_at = progress.iter().position(|p| p.shard_id.as_str() == "b").unwrap();
+    assert!(a_done < b_at, "{progress:?}");
+    assert_eq!(progress[b_at].last_sequence_number.as_deref(), Some(b1.as_str()));
+    assert!(!progress[b_at].finished);
+    assert!(progress.iter().all(|p| p.stream_arn == "arn:stream/1"));
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_trim_horizon_start_reads_every_record_parents_first() {
+    let source = ScriptedSource::new("arn:stream/1", &["p"]);
+    source.push_upsert("p", StreamEvent::INSERT, &message("p1", 1));
+    source.split("p", &["k"]);
+    source.push_upsert("k", StreamEvent::INSERT, &message("k1", 2));
+    let plan = StartPlan { fresh: FreshStart::TrimHorizon, resume: None };
+    let h = start_planned(source, StreamConfig::default(), plan);
+    h.delivered(&["p1".to_string(), "k1".to_string()]).await;
+    assert_eq!(h.texts(), ["p1", "k1"]);
+    assert_eq!(h.source.positions_for("p"), [Position::TrimHorizon]);
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn saved_positions_of_another_stream_do_not_apply() {
+    let source = ScriptedSource::new("arn:stream/new", &["s-0"]);
+    let plan = StartPlan {
+        fresh: FreshStart::Latest,
+        resume: Some(SavedPositions {
+            stream_arn: "arn:stream/old".into(),
+            after: [(ShardId::from("s-0"), "000000000000000000005".to_string())].into(),
+            ..SavedPositions::default()
+        }),
+    };
+    let h = start_planned(source, StreamConfig::default(), plan);
+    h.positioned().await;
+    assert_eq!(h.source.positions_for("s-0"), [Position::Latest]);
     h.stop().await;
 }

@@ -14,7 +14,7 @@ pub mod tailer;
 
 pub use aws_source::AwsSource;
 pub use source::{ShardId, StreamSource};
-pub use tailer::{Tailer, TailerState, TailerStatus};
+pub use tailer::{FreshStart, SavedPositions, StartPlan, Tailer, TailerState, TailerStatus};
 
 use chrono::{DateTime, Utc};
 
@@ -52,6 +52,26 @@ pub trait ChangeSink: Send + Sync + 'static {
     /// Records may have been lost (trimmed data, a shard gone before it was finished, a new
     /// stream): everything derived from the stream must be dropped.
     fn gap(&self, reason: GapReason) -> impl Future<Output = ()> + Send;
+
+    /// A shard's reader got this far: every record up to `last_sequence_number` was handed to
+    /// [`ChangeSink::apply`] and it returned (records that did not decode included). Called
+    /// after each non-empty page and when the shard was read to its end. A sink that saves
+    /// positions (the projector) saves them here; the cache needs none.
+    fn progress(&self, progress: Progress) -> impl Future<Output = ()> + Send {
+        let _ = progress;
+        std::future::ready(())
+    }
+}
+
+/// How far a shard's reader got; see [`ChangeSink::progress`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Progress {
+    pub stream_arn: String,
+    pub shard_id: ShardId,
+    /// The last record read from the shard, if any was.
+    pub last_sequence_number: Option<String>,
+    /// The shard is closed and was read to its end.
+    pub finished: bool,
 }
 
 /// Why the tailer reported a gap.

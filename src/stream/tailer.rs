@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::decode::decode_page;
 use super::source::{Position, ShardId, ShardInfo, ShardIterator, SourceError, StreamSource, TableStream};
-use super::{ChangeSink, GapReason};
+use super::{ChangeSink, GapReason, Progress};
 use crate::config::StreamConfig;
 use crate::metrics::{ErrorLabels, Metrics, ShardLabels, ShardState, StreamErrorKind};
 
@@ -97,6 +97,37 @@ pub struct TailerStatus {
     pub last_error: Option<String>,
 }
 
+/// Where the tailer starts on a stream it finds.
+#[derive(Debug, Clone, Default)]
+pub struct StartPlan {
+    /// For a stream without saved positions.
+    pub fresh: FreshStart,
+    /// Positions saved by an earlier reader of one stream (the projector's checkpoints). Used
+    /// only when the table's stream is that one; a replaced stream starts `fresh`.
+    pub resume: Option<SavedPositions>,
+}
+
+/// Where reading starts on a stream nothing was saved for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum FreshStart {
+    /// Open shards at LATEST, closed ones ignored: only later changes matter, because the cache
+    /// loads everything older from the table.
+    #[default]
+    Latest,
+    /// Every shard from TRIM_HORIZON, parents before children: every retained record counts.
+    TrimHorizon,
+}
+
+/// What an earlier reader of a stream got through.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SavedPositions {
+    pub stream_arn: String,
+    /// The last sequence number consumed, per shard: reading resumes after it.
+    pub after: HashMap<ShardId, String>,
+    /// Shards read to their end: never read again.
+    pub finished: HashSet<ShardId>,
+}
+
 /// Follows the stream of one table and feeds a [`ChangeSink`].
 pub struct Tailer<S> {
     source: Arc<S>,
@@ -105,6 +136,7 @@ pub struct Tailer<S> {
     metrics: Arc<Metrics>,
     status: watch::Sender<TailerStatus>,
     poll_interval: watch::Receiver<Duration>,
+    plan: StartPlan,
 }
 
 impl<S: StreamSource> Tailer<S> {
@@ -120,7 +152,13 @@ impl<S: StreamSource> Tailer<S> {
             last_error: None,
         });
         let poll_interval = watch::channel(cfg.poll_interval).1;
-        Tailer { source, table: table.into(), cfg, metrics, status, poll_interval }
+        Tailer { source, table: table.into(), cfg, metrics, status, poll_interval, plan: StartPlan::default() }
+    }
+
+    /// Starts as `plan` says instead of at LATEST.
+    pub fn with_start(mut self, plan: StartPlan) -> Self {
+        self.plan = plan;
+        self
     }
 
     /// Follows `stream.poll_interval` from this channel instead of the value given to `new`:
@@ -147,6 +185,7 @@ impl<S: StreamSource> Tailer<S> {
             metrics: self.metrics,
             status: self.status,
             poll_interval: self.poll_interval,
+            plan: self.plan,
             epoch: Instant::now(),
             notify: Arc::new(Notify::new()),
             ages: Arc::new(AgeBoard::default()),
@@ -180,20 +219,24 @@ enum ReaderExit {
 }
 
 /// Where a reader starts when it has read nothing yet.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Origin {
     /// Open at the time the tailer (re)positioned on a stream: only later changes matter,
     /// because the cache loads everything older from the table.
     Start,
-    /// Discovered later (a split or a rollover): every record counts.
+    /// Discovered later (a split or a rollover), or every shard of a [`FreshStart::TrimHorizon`]
+    /// stream: every record counts.
     Child,
+    /// A saved position: right after this sequence number.
+    Resume(String),
 }
 
 impl Origin {
-    fn position(self) -> Position {
+    fn position(&self) -> Position {
         match self {
             Origin::Start => Position::Latest,
             Origin::Child => Position::TrimHorizon,
+            Origin::Resume(seq) => Position::AfterSequenceNumber(seq.clone()),
         }
     }
 }
@@ -298,6 +341,7 @@ struct Coordinator<S, K> {
     metrics: Arc<Metrics>,
     status: watch::Sender<TailerStatus>,
     poll_interval: watch::Receiver<Duration>,
+    plan: StartPlan,
     epoch: Instant,
     notify: Arc<Notify>,
     ages: Arc<AgeBoard>,
@@ -515,19 +559,43 @@ impl<S: StreamSource, K: ChangeSink> Coordinator<S, K> {
         Some(Err(SourceError::Other(format!("DescribeStream {arn}: more than {MAX_TREE_PAGES} pages of shards"))))
     }
 
-    /// Positions on a stream not read before (at start, or after it was replaced or re-enabled):
-    /// open shards at LATEST, closed ones ignored.
+    /// Positions on a stream not read before (at start, or after it was replaced or re-enabled)
+    /// as the [`StartPlan`] says: by default open shards at LATEST, closed ones ignored.
     fn position_fresh(&mut self, arn: String) {
-        self.finished = self.tree.values().filter(|s| !s.is_open()).map(|s| s.id.clone()).collect();
         let old_arn = self.previous_arn.take();
         if old_arn.is_some() || std::mem::take(&mut self.stream_was_missing) {
             self.pending_gap = Some(GapReason::NewStream { old_arn, new_arn: arn.clone() });
         }
-        self.current_arn = Some(arn);
-        let mut open: Vec<ShardId> = self.tree.values().filter(|s| s.is_open()).map(|s| s.id.clone()).collect();
-        open.sort();
-        for id in open {
-            self.spawn_reader(id, Origin::Start);
+        self.current_arn = Some(arn.clone());
+        // Saved positions apply once, to their own stream; a later stream starts fresh.
+        if let Some(saved) = self.plan.resume.take().filter(|s| s.stream_arn == arn) {
+            self.finished = saved.finished;
+            let mut resume: Vec<(ShardId, String)> = saved
+                .after
+                .into_iter()
+                .filter(|(id, _)| self.tree.contains_key(id) && !self.finished.contains(id))
+                .collect();
+            resume.sort();
+            for (id, seq) in resume {
+                self.spawn_reader(id, Origin::Resume(seq));
+            }
+            // Shards never read: from TRIM_HORIZON, parents first.
+            self.start_readable_children();
+            return;
+        }
+        match self.plan.fresh {
+            FreshStart::TrimHorizon => {
+                self.finished.clear();
+                self.start_readable_children();
+            }
+            FreshStart::Latest => {
+                self.finished = self.tree.values().filter(|s| !s.is_open()).map(|s| s.id.clone()).collect();
+                let mut open: Vec<ShardId> = self.tree.values().filter(|s| s.is_open()).map(|s| s.id.clone()).collect();
+                open.sort();
+                for id in open {
+                    self.spawn_reader(id, Origin::Start);
+                }
+            }
         }
     }
 
@@ -552,6 +620,7 @@ impl<S: StreamSource, K: ChangeSink> Coordinator<S, K> {
 
     fn spawn_reader(&mut self, shard: ShardId, origin: Origin) {
         let Some(arn) = self.current_arn.clone() else { return };
+        tracing::debug!(shard = %shard, position = %origin.position(), "starting a shard reader");
         let shared = Arc::new(ReaderShared::default());
         shared.last_iteration_ms.store(millis_since(self.epoch), Ordering::Relaxed);
         let reader = Reader {
@@ -568,7 +637,6 @@ impl<S: StreamSource, K: ChangeSink> Coordinator<S, K> {
             notify: Arc::clone(&self.notify),
             cancel: self.generation.clone(),
         };
-        tracing::debug!(shard = %shard, position = %origin.position(), "starting a shard reader");
         let handle = self.tasks.spawn(async move {
             let id = reader.shard.clone();
             (id, reader.run().await)
@@ -809,6 +877,7 @@ impl<S: StreamSource, K: ChangeSink> Reader<S, K> {
             other_errors = 0;
 
             let empty = page.records.is_empty();
+            let mut moved = false;
             if !empty {
                 let decoded = decode_page(&self.shard, &page.records, &self.metrics);
                 if let Some(newest) = decoded.newest_creation {
@@ -821,9 +890,24 @@ impl<S: StreamSource, K: ChangeSink> Reader<S, K> {
                 }
                 if decoded.last_sequence_number.is_some() {
                     last_sequence = decoded.last_sequence_number;
+                    moved = true;
                 }
             } else if page.next_iterator.is_some() {
                 self.ages.update(&self.metrics, &self.shard, Some(0.0));
+            }
+            let finished = page.next_iterator.is_none();
+            // After the page is applied, never before: a saved position must not run ahead of
+            // what the sink has done.
+            if moved || finished {
+                let progress = Progress {
+                    stream_arn: self.arn.clone(),
+                    shard_id: self.shard.clone(),
+                    last_sequence_number: last_sequence.clone(),
+                    finished,
+                };
+                if unless_cancelled(&self.cancel, self.sink.progress(progress)).await.is_none() {
+                    return ReaderExit::Cancelled;
+                }
             }
             match page.next_iterator {
                 None => {

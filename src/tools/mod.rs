@@ -5,6 +5,7 @@
 pub mod cognito;
 pub mod db;
 pub mod ddb;
+pub mod repair;
 
 use std::io::Write;
 

@@ -417,6 +417,7 @@ pub fn bin() -> Command {
 pub enum SinkEvent {
     Apply(Vec<cruddur_syncd::stream::ChangeRecord>),
     Gap(cruddur_syncd::stream::GapReason),
+    Progress(cruddur_syncd::stream::Progress),
 }
 
 /// The test consumer of the stream tailer: records every page and gap.
@@ -436,7 +437,7 @@ impl RecordingSink {
             .into_iter()
             .flat_map(|e| match e {
                 SinkEvent::Apply(records) => records,
-                SinkEvent::Gap(_) => Vec::new(),
+                SinkEvent::Gap(_) | SinkEvent::Progress(_) => Vec::new(),
             })
             .collect()
     }
@@ -446,7 +447,7 @@ impl RecordingSink {
             .into_iter()
             .filter_map(|e| match e {
                 SinkEvent::Gap(g) => Some(g),
-                SinkEvent::Apply(_) => None,
+                SinkEvent::Apply(_) | SinkEvent::Progress(_) => None,
             })
             .collect()
     }
@@ -459,5 +460,9 @@ impl cruddur_syncd::stream::ChangeSink for RecordingSink {
 
     async fn gap(&self, reason: cruddur_syncd::stream::GapReason) {
         self.events.lock().unwrap().push(SinkEvent::Gap(reason));
+    }
+
+    async fn progress(&self, progress: cruddur_syncd::stream::Progress) {
+        self.events.lock().unwrap().push(SinkEvent::Progress(progress));
     }
 }

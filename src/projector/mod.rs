@@ -1,0 +1,227 @@
+//! The group projector (`[projector] enabled = true`): keeps every conversation's rows at its
+//! newest message, from the stream, replacing the Flask app's Lambda.
+//!
+//! For every message INSERT, both rows of the conversation (`GRP#{owner}`, found through the
+//! group index) move to the message's sk and text, one TransactWriteItems per row, only ever
+//! forward in time ([`rows`]). The Lambda handled one record per batch, deleted and re-put
+//! without a condition (so a conversation vanished for a moment, and racing messages duplicated
+//! rows or rolled the last message back), and never ran locally.
+//!
+//! Exactly one projector runs in a fleet: [`run`] loops on a PostgreSQL session advisory lock
+//! ([`checkpoint::LOCK_KEY`]) held on a connection of its own. While it holds the lock the
+//! instance runs its own stream tailer (the same code as the cache's, with its own sink),
+//! started from the checkpoints in PostgreSQL and saving one after every applied page: at least
+//! once, and idempotent, so a successor that takes over from the last checkpoint loses nothing
+//! and doubles nothing. Losing the session (the checkpoint or the periodic ping fails) stops
+//! the tailer; another instance, or this one later, takes over.
+
+pub mod checkpoint;
+pub mod rows;
+pub mod sink;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use sqlx::postgres::PgConnectOptions;
+use tokio::sync::{watch, Mutex};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{InitialPosition, ProjectorConfig, StreamConfig};
+use crate::metrics::Metrics;
+use crate::store::Store;
+use crate::stream::tailer::{FreshStart, StartPlan, Tailer};
+use crate::stream::StreamSource;
+use checkpoint::LockConn;
+use sink::ProjectorSink;
+
+/// Everything the projector needs, from the daemon's config and clients.
+pub struct Projector<S> {
+    pub source: Arc<S>,
+    pub store: Store,
+    pub group_index: String,
+    pub stream: StreamConfig,
+    pub poll_interval: watch::Receiver<Duration>,
+    pub pg: PgConnectOptions,
+    pub connect_timeout: Duration,
+    pub cfg: ProjectorConfig,
+    /// The daemon's registry: the projector's own families (`projector_*`).
+    pub metrics: Arc<Metrics>,
+}
+
+impl<S: StreamSource> Projector<S> {
+    /// Tries the lock every `lock_check_interval`; leads while it holds it; returns when `stop`
+    /// is cancelled, with the lock released.
+    ///
+    /// Boxed so that the future's `Send` is proven here, where its lifetimes are concrete (the
+    /// daemon spawns it).
+    pub fn run(self, stop: CancellationToken) -> BoxFuture<'static, ()> {
+        Box::pin(self.run_inner(stop))
+    }
+
+    async fn run_inner(self, stop: CancellationToken) {
+        let target = crate::pg::describe(&self.pg);
+        tracing::info!(postgres = %target, "projector enabled; waiting for the projector lock");
+        let mut last_error: Option<String> = None;
+        loop {
+            let attempt = tokio::select! {
+                _ = stop.cancelled() => return,
+                r = boxed(checkpoint::try_lock(&self.pg, self.connect_timeout)) => r,
+            };
+            let failed = match attempt {
+                Ok(Some(lock)) => {
+                    boxed(self.lead(lock, &stop)).await.err().map(|e| format!("the projector stopped leading: {e}"))
+                }
+                Ok(None) => {
+                    tracing::debug!(postgres = %target, "another instance holds the projector lock");
+                    None
+                }
+                Err(e) => Some(format!("cannot try the projector lock: {e}")),
+            };
+            // One line per change of error, not one per retry.
+            if failed.is_some() && failed != last_error {
+                tracing::warn!(
+                    "{}; retrying every {:?}",
+                    failed.as_deref().unwrap_or_default(),
+                    self.cfg.lock_check_interval
+                );
+            }
+            last_error = failed;
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(self.cfg.lock_check_interval) => {}
+            }
+        }
+    }
+
+    /// A table without the group index would fail every record: refuse to lead instead. A
+    /// missing table is the tailer's to report (it waits for it).
+    async fn check_index(&self) -> crate::error::Result<()> {
+        let described = self.store.client().describe_table().table_name(self.store.table()).send().await;
+        let table = match described {
+            Ok(out) => out.table,
+            Err(e) if crate::error::sdk_code(&e) == Some("ResourceNotFoundException") => return Ok(()),
+            Err(e) => return Err(crate::error::from_sdk(self.store.context("DescribeTable"), e)),
+        };
+        let has_index = table.as_ref().is_some_and(|t| {
+            t.global_secondary_indexes().iter().any(|g| g.index_name() == Some(self.group_index.as_str()))
+        });
+        if table.is_some() && !has_index {
+            return Err(crate::error::Error::Failed(format!(
+                "table {} at {} has no index {} (dynamodb.group_index); `cruddur-syncd ddb schema-load` adds it",
+                self.store.table(),
+                self.store.endpoint(),
+                self.group_index
+            )));
+        }
+        Ok(())
+    }
+
+    /// Runs the projector's tailer while the lock holds.
+    async fn lead(&self, mut lock: LockConn, stop: &CancellationToken) -> crate::error::Result<()> {
+        let setup = async {
+            self.check_index().await?;
+            lock.ensure_table().await?;
+            lock.load().await
+        };
+        let saved = match setup.await {
+            Ok(saved) => saved,
+            Err(e) => {
+                lock.release().await;
+                return Err(e);
+            }
+        };
+        let fresh = match self.cfg.initial_position {
+            InitialPosition::TrimHorizon => FreshStart::TrimHorizon,
+            InitialPosition::Latest => FreshStart::Latest,
+        };
+        match &saved {
+            Some(s) => tracing::info!(
+                postgres = %lock.target(),
+                stream = %s.stream_arn,
+                positions = %positions(s),
+                finished = s.finished.len(),
+                "projector lock taken; resuming from the checkpoints"
+            ),
+            None => tracing::info!(
+                postgres = %lock.target(),
+                initial_position = ?self.cfg.initial_position,
+                "projector lock taken; no checkpoint yet"
+            ),
+        }
+        let lock = Arc::new(Mutex::new(lock));
+        let lost = stop.child_token();
+        let sink = Arc::new(ProjectorSink::new(
+            self.store.clone(),
+            self.group_index.clone(),
+            self.cfg.clone(),
+            self.metrics.clone(),
+            Some(lock.clone()),
+            lost.clone(),
+        ));
+        // The tailer gets a registry of its own: the stream_* families describe the cache's
+        // tailer, and two writers would make its gauges flap.
+        let tailer = Tailer::new(
+            Arc::clone(&self.source),
+            self.store.table().to_string(),
+            self.stream.clone(),
+            Arc::new(Metrics::new()),
+        )
+        .with_poll_interval(self.poll_interval.clone())
+        .with_start(StartPlan { fresh, resume: saved });
+        let task = tokio::spawn(tailer.run(sink, lost.clone()));
+        self.metrics.projector_leader.set(1);
+
+        let mut outcome = Ok(());
+        loop {
+            tokio::select! {
+                _ = lost.cancelled() => break,
+                _ = tokio::time::sleep(self.cfg.lock_check_interval) => {
+                    let ping = tokio::time::timeout(self.connect_timeout, async { lock.lock().await.ping().await }).await;
+                    let failed = match ping {
+                        Ok(Ok(())) => None,
+                        Ok(Err(e)) => Some(e),
+                        Err(_) => Some(crate::error::Error::Unavailable(format!(
+                            "the projector lock connection did not answer within {:?}",
+                            self.connect_timeout
+                        ))),
+                    };
+                    if let Some(e) = failed {
+                        outcome = Err(e);
+                        lost.cancel();
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = task.await;
+        self.metrics.projector_leader.set(0);
+        // The tailer has stopped, so nothing else holds the connection.
+        if let Ok(lock) = Arc::try_unwrap(lock) {
+            // Bounded: a hung PostgreSQL must not hold up a stop; dropping the connection ends
+            // the session (and the lock) anyway.
+            let _ = tokio::time::timeout(self.connect_timeout, lock.into_inner().release()).await;
+        }
+        if !stop.is_cancelled() && outcome.is_ok() {
+            outcome = Err(crate::error::Error::Unavailable("a projector checkpoint could not be saved".into()));
+        }
+        outcome
+    }
+}
+
+/// `shard@sequence_number,...` for the log line of a takeover (sorted, so it reads the same).
+fn positions(saved: &crate::stream::SavedPositions) -> String {
+    let mut all: Vec<String> = saved.after.iter().map(|(shard, seq)| format!("{shard}@{seq}")).collect();
+    all.sort();
+    if all.is_empty() {
+        "none".into()
+    } else {
+        all.join(",")
+    }
+}
+
+/// Pins a future as `Send` at a point where its lifetimes are concrete (the compiler cannot
+/// prove `Send` for some borrowing futures inside a generic `async fn` otherwise).
+fn boxed<'a, T>(f: impl std::future::Future<Output = T> + Send + 'a) -> BoxFuture<'a, T> {
+    Box::pin(f)
+}

@@ -1,0 +1,410 @@
+//! A conversation's rows and how to move them: the DynamoDB half of the projector, shared with
+//! `ddb repair-groups`.
+//!
+//! Planning is pure ([`plan_forward`] for the projector, [`plan_exact`] for the repair tool);
+//! [`execute`] writes one owner's plan. A move is one TransactWriteItems: every old row of the
+//! owner is deleted on condition that it still holds what was read (`attribute_exists(pk) AND
+//! message = :old`), and the new row is put on condition that its key is free
+//! (`attribute_not_exists(pk)`). When another writer got there first a condition fails, the
+//! transaction is cancelled as a whole, and [`MoveError::Conflict`] tells the caller to read
+//! again; nothing is ever half moved, so the conversation never vanishes from a list.
+
+use std::collections::BTreeMap;
+
+use aws_sdk_dynamodb::error::SdkError;
+use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
+use aws_sdk_dynamodb::types::{AttributeValue, Delete, Put, TransactWriteItem};
+
+use crate::error::{from_sdk, is_transient_code, sdk_code, Error};
+use crate::model::{MessageGroup, Pk, Sk, UserUuid};
+use crate::store::{decode_all, Misfit, RawItem, Store};
+
+/// DynamoDB's limit of items in one TransactWriteItems.
+pub const MAX_TRANSACTION_ITEMS: usize = 100;
+
+/// Where a conversation's rows should point: a message's time and text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// In the canonical spelling this tool writes.
+    pub sk: Sk,
+    pub message: String,
+}
+
+impl Target {
+    pub fn new(sk: &Sk, message: impl Into<String>) -> Target {
+        Target { sk: Sk::from_instant(sk.instant()), message: message.into() }
+    }
+}
+
+/// What to do about one owner's rows of one conversation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OwnerPlan {
+    /// Nothing to write.
+    Keep { row: MessageGroup },
+    /// The newest row stays; older duplicates beside it are deleted (plain deletes: a row that
+    /// is no newest row cannot come back, so no condition is needed).
+    DropDuplicates { keep: MessageGroup, drop: Vec<MessageGroup> },
+    /// One transaction: delete `delete`, put `put`. `replaces` is a row that already has `put`'s
+    /// key (only the repair tool rewrites a row in place): the put then requires it unchanged.
+    Move { delete: Vec<MessageGroup>, put: MessageGroup, replaces: Option<MessageGroup> },
+}
+
+impl OwnerPlan {
+    pub fn owner(&self) -> UserUuid {
+        match self {
+            OwnerPlan::Keep { row } | OwnerPlan::DropDuplicates { keep: row, .. } => row.owner,
+            OwnerPlan::Move { put, .. } => put.owner,
+        }
+    }
+
+    pub fn writes(&self) -> bool {
+        !matches!(self, OwnerPlan::Keep { .. })
+    }
+}
+
+/// Every row of a conversation, decoded, through the group index.
+pub async fn read_rows(store: &Store, index: &str, group: crate::model::MessageGroupId) -> Result<Rows, Error> {
+    let raw = store.query_group_index(index, group).await?;
+    let (items, misfits) = decode_all(raw);
+    let rows = items
+        .into_iter()
+        .filter_map(|i| match i {
+            crate::model::Item::Group(g) if g.message_group_uuid == group => Some(g),
+            _ => None,
+        })
+        .collect();
+    Ok(Rows { rows, misfits })
+}
+
+/// A conversation's rows as read, and the items that did not fit the model.
+#[derive(Debug, Default)]
+pub struct Rows {
+    pub rows: Vec<MessageGroup>,
+    pub misfits: Vec<Misfit>,
+}
+
+fn by_owner(rows: Vec<MessageGroup>) -> BTreeMap<UserUuid, Vec<MessageGroup>> {
+    let mut owners: BTreeMap<UserUuid, Vec<MessageGroup>> = BTreeMap::new();
+    for row in rows {
+        owners.entry(row.owner).or_default().push(row);
+    }
+    for rows in owners.values_mut() {
+        // Newest first, by instant (Sk's order), so rows[0] is the one the API shows.
+        rows.sort_by(|a, b| b.sk.cmp(&a.sk));
+    }
+    owners
+}
+
+/// The projector's plan: each owner's rows move forward to `target`, never back. An owner whose
+/// newest row is already at or after the target's instant keeps it (the record is stale or a
+/// replay) and loses only older duplicates.
+pub fn plan_forward(rows: Vec<MessageGroup>, target: &Target) -> Vec<OwnerPlan> {
+    by_owner(rows)
+        .into_values()
+        .map(|mut rows| {
+            let newest = rows.remove(0);
+            if newest.sk.instant() >= target.sk.instant() {
+                if rows.is_empty() {
+                    OwnerPlan::Keep { row: newest }
+                } else {
+                    OwnerPlan::DropDuplicates { keep: newest, drop: rows }
+                }
+            } else {
+                let put = MessageGroup { sk: target.sk.clone(), message: target.message.clone(), ..newest.clone() };
+                let mut delete = vec![newest];
+                delete.extend(rows);
+                OwnerPlan::Move { delete, put, replaces: None }
+            }
+        })
+        .collect()
+}
+
+/// The repair tool's plan: each owner ends with exactly one row, at the target's instant with
+/// its text, whichever way that is (a row ahead of every message goes back). A single row at
+/// the right instant with the right text is kept whatever its spelling.
+pub fn plan_exact(rows: Vec<MessageGroup>, target: &Target) -> Vec<OwnerPlan> {
+    by_owner(rows)
+        .into_values()
+        .map(|rows| {
+            let newest = &rows[0];
+            if rows.len() == 1 && newest.sk.instant() == target.sk.instant() && newest.message == target.message {
+                return OwnerPlan::Keep { row: newest.clone() };
+            }
+            let put = MessageGroup { sk: target.sk.clone(), message: target.message.clone(), ..newest.clone() };
+            let (same_key, delete): (Vec<MessageGroup>, Vec<MessageGroup>) =
+                rows.into_iter().partition(|r| r.sk.as_str() == put.sk.as_str());
+            OwnerPlan::Move { delete, put, replaces: same_key.into_iter().next() }
+        })
+        .collect()
+}
+
+/// Why a plan could not be written.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MoveError {
+    /// Another writer changed the rows since they were read: read again.
+    #[error("{0}")]
+    Conflict(String),
+    /// DynamoDB did not answer, throttled, or failed on its side: try again later.
+    #[error("{0}")]
+    Transient(String),
+    /// DynamoDB refused the request itself: trying again will not help.
+    #[error("{0}")]
+    Rejected(String),
+}
+
+impl From<Error> for MoveError {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Unavailable(m) => MoveError::Transient(m),
+            other => MoveError::Rejected(other.to_string()),
+        }
+    }
+}
+
+/// What [`execute`] wrote.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Written {
+    /// Rows put at a new position (or rewritten in place).
+    pub moved: usize,
+    /// Rows deleted without a replacement (duplicates).
+    pub dropped: usize,
+}
+
+/// Writes one owner's plan.
+pub async fn execute(store: &Store, plan: &OwnerPlan) -> Result<Written, MoveError> {
+    match plan {
+        OwnerPlan::Keep { .. } => Ok(Written::default()),
+        OwnerPlan::DropDuplicates { drop, .. } => {
+            for row in drop {
+                delete_plain(store, row).await?;
+            }
+            Ok(Written { moved: 0, dropped: drop.len() })
+        }
+        OwnerPlan::Move { delete, put, replaces } => {
+            // Room for the put; older extras (only a badly broken table has them) go first, one
+            // by one, so the transaction itself always fits.
+            let room = MAX_TRANSACTION_ITEMS - 1;
+            let (in_tx, extra) = delete.split_at(delete.len().min(room));
+            for row in extra {
+                delete_plain(store, row).await?;
+            }
+            transact_move(store, in_tx, put, replaces.as_ref()).await?;
+            Ok(Written { moved: 1, dropped: extra.len() })
+        }
+    }
+}
+
+fn key_of(row: &MessageGroup) -> RawItem {
+    RawItem::from([
+        ("pk".to_string(), AttributeValue::S(Pk::Groups(row.owner).to_string())),
+        ("sk".to_string(), AttributeValue::S(row.sk.as_str().to_string())),
+    ])
+}
+
+fn describe(row: &MessageGroup) -> String {
+    format!("{} {}", Pk::Groups(row.owner), row.sk)
+}
+
+const UNCHANGED: &str = "attribute_exists(pk) AND #m = :old";
+
+async fn transact_move(
+    store: &Store,
+    delete: &[MessageGroup],
+    put: &MessageGroup,
+    replaces: Option<&MessageGroup>,
+) -> Result<(), MoveError> {
+    let build = |e: aws_sdk_dynamodb::error::BuildError| MoveError::Rejected(format!("cannot build a request: {e}"));
+    let mut request = store.client().transact_write_items();
+    for row in delete {
+        let d = Delete::builder()
+            .table_name(store.table())
+            .set_key(Some(key_of(row)))
+            .condition_expression(UNCHANGED)
+            .expression_attribute_names("#m", "message")
+            .expression_attribute_values(":old", AttributeValue::S(row.message.clone()))
+            .build()
+            .map_err(build)?;
+        request = request.transact_items(TransactWriteItem::builder().delete(d).build());
+    }
+    let mut p = Put::builder().table_name(store.table()).set_item(Some(put.to_item()));
+    p = match replaces {
+        None => p.condition_expression("attribute_not_exists(pk)"),
+        Some(old) => p
+            .condition_expression(UNCHANGED)
+            .expression_attribute_names("#m", "message")
+            .expression_attribute_values(":old", AttributeValue::S(old.message.clone())),
+    };
+    request = request.transact_items(TransactWriteItem::builder().put(p.build().map_err(build)?).build());
+    let what = format!("TransactWriteItems moving {} to {}", Pk::Groups(put.owner), put.sk);
+    let err = match request.send().await {
+        Ok(_) => return Ok(()),
+        Err(e) => e,
+    };
+    let codes = cancellation_codes(&err);
+    let err = classify_transaction(store, &what, err, &codes);
+    // Only the put failed and every row to delete was as read: the key may belong to another
+    // conversation of the same owner at the very same instant (pk + sk is the key). Reading
+    // again would find the same plan forever, so say so instead.
+    let only_put = codes.last().is_some_and(|c| c == "ConditionalCheckFailed")
+        && codes[..codes.len() - 1].iter().all(|c| c == "None");
+    if matches!(err, MoveError::Conflict(_)) && replaces.is_none() && only_put {
+        let key = crate::model::ItemKey { pk: Pk::Groups(put.owner), sk: put.sk.clone() };
+        if let Some(other) = store.get_item(&key).await.map_err(MoveError::from)? {
+            let theirs = other.get("message_group_uuid").and_then(|v| v.as_s().ok()).cloned().unwrap_or_default();
+            if theirs != put.message_group_uuid.to_string() {
+                return Err(MoveError::Rejected(format!(
+                    "{}: conversation {theirs:?} of the same owner already has a row at that instant",
+                    store.context(&what)
+                )));
+            }
+        }
+    }
+    Err(err)
+}
+
+/// The reason codes of a cancelled transaction, in item order ("None" for an item that passed).
+fn cancellation_codes<R>(err: &SdkError<TransactWriteItemsError, R>) -> Vec<String> {
+    match err.as_service_error() {
+        Some(TransactWriteItemsError::TransactionCanceledException(cancel)) => {
+            cancel.cancellation_reasons().iter().map(|r| r.code().unwrap_or("None").to_string()).collect()
+        }
+        _ => Vec::new(),
+    }
+}
+
+fn classify_transaction<R: std::fmt::Debug>(
+    store: &Store,
+    what: &str,
+    err: SdkError<TransactWriteItemsError, R>,
+    codes: &[String],
+) -> MoveError {
+    if let Some(TransactWriteItemsError::TransactionCanceledException(_)) = err.as_service_error() {
+        let sentence = format!("{}: cancelled ({})", store.context(what), codes.join(", "));
+        let racing = |c: &String| matches!(c.as_str(), "ConditionalCheckFailed" | "TransactionConflict");
+        let throttled = |c: &String| {
+            matches!(c.as_str(), "ThrottlingError" | "ProvisionedThroughputExceeded" | "RequestLimitExceeded")
+        };
+        // No reasons at all: nothing says the request itself is wrong, so read again.
+        return if codes.iter().any(racing) || codes.iter().all(|c| c == "None") {
+            MoveError::Conflict(sentence)
+        } else if codes.iter().any(throttled) {
+            MoveError::Transient(sentence)
+        } else {
+            MoveError::Rejected(sentence)
+        };
+    }
+    if sdk_code(&err).is_some_and(is_transient_code) {
+        return MoveError::Transient(from_sdk(store.context(what), err).to_string());
+    }
+    from_sdk(store.context(what), err).into()
+}
+
+async fn delete_plain(store: &Store, row: &MessageGroup) -> Result<(), MoveError> {
+    store
+        .client()
+        .delete_item()
+        .table_name(store.table())
+        .set_key(Some(key_of(row)))
+        .send()
+        .await
+        .map(|_| ())
+        .map_err(|e| MoveError::from(from_sdk(store.context(&format!("DeleteItem {}", describe(row))), e)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::MessageGroupId;
+    use uuid::Uuid;
+
+    fn sk(s: &str) -> Sk {
+        Sk::parse(s).unwrap()
+    }
+
+    fn row(owner: u128, at: &str, text: &str) -> MessageGroup {
+        MessageGroup {
+            owner: UserUuid(Uuid::from_u128(owner)),
+            sk: sk(at),
+            message_group_uuid: MessageGroupId(Uuid::from_u128(99)),
+            message: text.into(),
+            user_uuid: UserUuid(Uuid::from_u128(1000 + owner)),
+            user_display_name: format!("user {owner}"),
+            user_handle: format!("u{owner}"),
+        }
+    }
+
+    #[test]
+    fn forward_moves_every_owner_behind_the_target_and_writes_canonical_sk() {
+        let target = Target::new(&sk("2024-05-01T10:00:05.5"), "new");
+        assert_eq!(target.sk.as_str(), "2024-05-01T10:00:05.500000+00:00");
+        let plans = plan_forward(
+            vec![row(1, "2024-05-01T10:00:00+00:00", "a"), row(2, "2024-05-01T10:00:00+00:00", "a")],
+            &target,
+        );
+        assert_eq!(plans.len(), 2);
+        for p in &plans {
+            let OwnerPlan::Move { delete, put, replaces } = p else { panic!("{p:?}") };
+            assert_eq!(delete.len(), 1);
+            assert_eq!(put.sk, target.sk);
+            assert_eq!(put.message, "new");
+            // the other participant's names are kept
+            assert_eq!(put.user_handle, delete[0].user_handle);
+            assert!(replaces.is_none());
+        }
+    }
+
+    #[test]
+    fn forward_never_moves_back_and_a_replay_keeps() {
+        let target = Target::new(&sk("2024-05-01T10:00:00+00:00"), "old");
+        // one owner ahead (another spelling of a later instant), one exactly at the target
+        let plans = plan_forward(
+            vec![row(1, "2024-05-01T12:00:01+02:00", "newer"), row(2, "2024-05-01T10:00:00.000000+00:00", "old")],
+            &target,
+        );
+        assert!(plans.iter().all(|p| matches!(p, OwnerPlan::Keep { .. })), "{plans:?}");
+    }
+
+    #[test]
+    fn forward_folds_duplicates_into_the_move_or_drops_them_beside_a_current_row() {
+        let target = Target::new(&sk("2024-05-01T10:00:09+00:00"), "x");
+        let plans = plan_forward(
+            vec![
+                row(1, "2024-05-01T10:00:01+00:00", "a"),
+                row(1, "2024-05-01T10:00:03+00:00", "b"),
+                row(2, "2024-05-01T10:00:10+00:00", "c"),
+                row(2, "2024-05-01T10:00:02+00:00", "d"),
+            ],
+            &target,
+        );
+        let OwnerPlan::Move { delete, put, .. } = &plans[0] else { panic!("{plans:?}") };
+        assert_eq!(delete.len(), 2, "both rows of owner 1 go in the move");
+        assert_eq!(put.user_handle, "u1");
+        let OwnerPlan::DropDuplicates { keep, drop } = &plans[1] else { panic!("{plans:?}") };
+        assert_eq!(keep.message, "c");
+        assert_eq!(drop.len(), 1);
+        assert_eq!(drop[0].message, "d");
+    }
+
+    #[test]
+    fn exact_goes_back_rewrites_in_place_and_keeps_a_correct_row() {
+        let target = Target::new(&sk("2024-05-01T10:00:00+00:00"), "last");
+        let plans = plan_exact(
+            vec![
+                // ahead of every message: goes back
+                row(1, "2024-05-01T11:00:00+00:00", "deleted since"),
+                // right key, wrong text: rewritten in place
+                row(2, "2024-05-01T10:00:00.000000+00:00", "stale text"),
+                // right instant and text in another spelling: kept
+                row(3, "2024-05-01T10:00:00", "last"),
+            ],
+            &target,
+        );
+        let OwnerPlan::Move { delete, replaces: None, .. } = &plans[0] else { panic!("{plans:?}") };
+        assert_eq!(delete.len(), 1);
+        let OwnerPlan::Move { delete, replaces: Some(old), put } = &plans[1] else { panic!("{plans:?}") };
+        assert!(delete.is_empty());
+        assert_eq!(old.message, "stale text");
+        assert_eq!(put.message, "last");
+        assert!(matches!(plans[2], OwnerPlan::Keep { .. }));
+    }
+}
