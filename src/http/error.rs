@@ -94,7 +94,7 @@ pub fn json_error(status: StatusCode, code: &str, message: &str, bearer_error: O
 
 /// Gives the bodyless errors of the middleware stack (408 from the timeout layer, 413 from the
 /// body limit, 405 from method routing) the same JSON shape as ours.
-pub async fn bodyless_errors_as_json(res: Response) -> Response {
+pub fn bodyless_errors_as_json(res: Response) -> Response {
     let status = res.status();
     if !(status.is_client_error() || status.is_server_error()) || res.headers().contains_key(header::CONTENT_TYPE) {
         return res;
