@@ -207,12 +207,21 @@ impl LiveTtl {
         self.0.store(duration_ms(ttl), Ordering::Release);
     }
 
-    /// What is left of an entry written at `written` under the TTL in force.
+    /// What is left of an entry written at `written` under the TTL in force. An unchanged TTL
+    /// returns `left` itself: moka compares the answer with what it had, and any difference
+    /// (its clock rounds differently from ours) reschedules the entry's expiry timer, a
+    /// housekeeping task on every read of the hot path.
     fn clamp(&self, ttl: Duration, now: Instant, written: Instant, left: Option<Duration>) -> Option<Duration> {
         let remaining = (written + ttl).saturating_duration_since(now);
-        Some(left.map_or(remaining, |l| l.min(remaining)))
+        match left {
+            Some(l) if l <= remaining + CLOCK_SLACK => Some(l),
+            _ => Some(remaining),
+        }
     }
 }
+
+/// More than the rounding between moka's clock and `std::time::Instant`, far less than any TTL.
+const CLOCK_SLACK: Duration = Duration::from_millis(5);
 
 fn duration_ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
@@ -698,6 +707,21 @@ mod tests {
         cache.insert(3, 3).await;
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(cache.get(&3).await, Some(3));
+    }
+
+    #[test]
+    fn an_unchanged_live_ttl_leaves_the_expiry_as_moka_has_it() {
+        let ttl = LiveTtl::new(Duration::from_secs(600));
+        let written = Instant::now();
+        let now = written + Duration::from_secs(60);
+        // moka's own idea of what is left, a millisecond off ours: returned as is, so moka
+        // sees no change and reschedules nothing.
+        let left = Some(Duration::from_millis(540_001));
+        assert_eq!(ttl.clamp(ttl.get(), now, written, left), left);
+        // a TTL that was cut: the entry's rest is cut to it
+        assert_eq!(ttl.clamp(Duration::from_secs(120), now, written, left), Some(Duration::from_secs(60)));
+        // no expiry yet: the TTL in force sets one
+        assert_eq!(ttl.clamp(ttl.get(), now, written, None), Some(Duration::from_secs(540)));
     }
 
     #[test]
