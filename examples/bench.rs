@@ -27,6 +27,10 @@ use uuid::Uuid;
 
 mod support;
 
+// The same allocator as the daemon (src/main.rs), so the ceiling stays a fair comparison.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> AnyResult<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
