@@ -2,6 +2,9 @@
 //!
 //! ```text
 //! bench ceiling <listen> <body-file>             a minimal hyper server answering every request with the body
+//! bench floor <listen> <body-file>               the daemon's own accept loop and hyper settings with an axum
+//!                                                Router whose one route returns the body: what the HTTP stack
+//!                                                costs before the daemon does any work of its own
 //! bench populate <config> <user-uuid> <n>        n extra conversations for a user (a realistic 5 KB list)
 //! bench freshness <config> <token> <group> <rate> <seconds>
 //!                                                PutItem acknowledged -> visible in the API, p50/p99
@@ -36,6 +39,7 @@ async fn main() -> AnyResult<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
         ["ceiling", listen, body] => ceiling(listen, body).await,
+        ["floor", listen, body] => floor(listen, body).await,
         ["populate", cfg, user, n] => populate(cfg, user.parse()?, n.parse()?).await,
         ["freshness", cfg, token, group, rate, secs] => {
             freshness(cfg, token, group.parse()?, rate.parse()?, secs.parse()?).await
@@ -68,6 +72,24 @@ async fn ceiling(listen: &str, body: &str) -> AnyResult<()> {
             let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
         });
     }
+}
+
+/// The floor: what `cruddur_syncd::http::serve` and an axum `Router` cost with nothing behind
+/// them, under the daemon's defaults (header-read timeout, connection cap). No middleware, no
+/// auth, no cache: the gap between this and the ceiling is the price of the chosen stack.
+async fn floor(listen: &str, body: &str) -> AnyResult<()> {
+    let body = Bytes::from(std::fs::read(body)?);
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let router = axum::Router::new().route(
+        "/api/message_groups",
+        axum::routing::get(move || {
+            let body = body.clone();
+            async move { ([(hyper::header::CONTENT_TYPE, "application/json")], body) }
+        }),
+    );
+    let opts = cruddur_syncd::http::ServeOptions::from(&cruddur_syncd::config::HttpConfig::default());
+    cruddur_syncd::http::serve(listener, router, opts, tokio_util::sync::CancellationToken::new()).await;
+    Ok(())
 }
 
 async fn store(cfg_path: &str) -> AnyResult<Store> {

@@ -134,11 +134,7 @@ pub async fn start(loaded: &LoadedConfig) -> Result<Running> {
     );
     tasks.spawn(reconcile::schedule(reconciler, reconcile_rx, metrics.clone(), background.child_token()));
 
-    let serve_opts = ServeOptions {
-        header_read_timeout: cfg.http.header_read_timeout,
-        max_connections: cfg.http.max_connections as usize,
-        shutdown_grace: cfg.http.shutdown_grace,
-    };
+    let serve_opts = ServeOptions::from(&cfg.http);
     let auth = Arc::new(AuthSlot::new(auth));
     let api_state =
         Arc::new(ApiState::new(cache.clone(), auth.clone(), metrics.clone(), &cfg.http.cors_allowed_origins));

@@ -32,6 +32,16 @@ pub struct ServeOptions {
     pub shutdown_grace: Duration,
 }
 
+impl From<&crate::config::HttpConfig> for ServeOptions {
+    fn from(http: &crate::config::HttpConfig) -> Self {
+        ServeOptions {
+            header_read_timeout: http.header_read_timeout,
+            max_connections: http.max_connections as usize,
+            shutdown_grace: http.shutdown_grace,
+        }
+    }
+}
+
 /// How often a serving accept loop records that it is still turning.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 
