@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{MatchedPath, Path, Query, Request, State};
-use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -142,8 +142,14 @@ fn parse_limit(raw: Option<&str>) -> Result<usize, ApiError> {
     }
 }
 
-fn params(q: Result<Query<PageParams>, QueryRejection>) -> Result<(usize, Option<String>), ApiError> {
-    let Query(p) = q.map_err(|_| ApiError::bad_request("the query string is not valid"))?;
+/// `limit` and `before` from the query string. Most requests have none, and then nothing is
+/// parsed (the `Query` extractor would run serde over the empty string on every request).
+fn params(uri: &Uri) -> Result<(usize, Option<String>), ApiError> {
+    if uri.query().is_none() {
+        return Ok((DEFAULT_LIMIT, None));
+    }
+    let Query(p) = Query::<PageParams>::try_from_uri(uri)
+        .map_err(|_: QueryRejection| ApiError::bad_request("the query string is not valid"))?;
     Ok((parse_limit(p.limit.as_deref())?, p.before))
 }
 
@@ -169,13 +175,9 @@ async fn caller(state: &ApiState, headers: &HeaderMap) -> Result<UserUuid, ApiEr
 
 // Handlers take the whole request last (not a `HeaderMap`, which axum would clone) and read
 // its headers in place.
-async fn message_groups(
-    State(state): State<Arc<ApiState>>,
-    query: Result<Query<PageParams>, QueryRejection>,
-    req: Request,
-) -> Result<Response, ApiError> {
+async fn message_groups(State(state): State<Arc<ApiState>>, req: Request) -> Result<Response, ApiError> {
     let headers = req.headers();
-    let (limit, before) = params(query)?;
+    let (limit, before) = params(req.uri())?;
     let before = match before.as_deref() {
         None => None,
         Some(c) => Some(cursor::decode_group(c).ok_or_else(|| ApiError::bad_request("before is not a valid cursor"))?),
@@ -206,13 +208,12 @@ fn groups_page(view: &[MessageGroup], limit: usize, before: Option<&(Sk, Message
 async fn messages(
     State(state): State<Arc<ApiState>>,
     Path(group): Path<String>,
-    query: Result<Query<PageParams>, QueryRejection>,
     req: Request,
 ) -> Result<Response, ApiError> {
     let headers = req.headers();
     let group: MessageGroupId =
         group.parse().map_err(|_| ApiError::bad_request("the message group id is not a uuid"))?;
-    let (limit, before) = params(query)?;
+    let (limit, before) = params(req.uri())?;
     let before = match before.as_deref() {
         None => None,
         Some(c) => {
