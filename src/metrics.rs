@@ -203,6 +203,12 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("cruddur_syncd");
+        // The families the request path touches come first, so their hot handles can be
+        // resolved before the struct exists.
+        let cache_requests = Family::default();
+        let http_requests = Family::default();
+        let http_request_duration_seconds = Family::new_with_constructor(duration_histogram as fn() -> Histogram);
+        let hot = HotSeries::resolve(&cache_requests, &http_requests, &http_request_duration_seconds);
         let m = Metrics {
             stream_records: Family::default(),
             stream_iterator_age_seconds: FloatGauge::default(),
@@ -210,11 +216,11 @@ impl Metrics {
             stream_errors: Family::default(),
             stream_resyncs: Counter::default(),
             stream_skipped_records: Family::default(),
-            cache_requests: Family::default(),
+            cache_requests,
             cache_entries: Family::default(),
             cache_weight_bytes: Family::default(),
-            http_requests: Family::default(),
-            http_request_duration_seconds: Family::new_with_constructor(duration_histogram),
+            http_requests,
+            http_request_duration_seconds,
             reconcile_runs: Family::default(),
             reconcile_last_success_timestamp_seconds: FloatGauge::default(),
             reconcile_users: Family::default(),
@@ -228,7 +234,7 @@ impl Metrics {
             projector_leader: Gauge::default(),
             build_info: Family::default(),
             registry: Registry::default(),
-            hot: HotSeries::placeholder(),
+            hot,
         };
         registry.register("stream_records", "Stream records read, by event name", m.stream_records.clone());
         registry.register(
@@ -336,8 +342,7 @@ impl Metrics {
             let _ = m.reconcile_runs.get_or_create(&RunLabels { result });
             let _ = m.config_reloads.get_or_create(&RunLabels { result });
         }
-        let hot = HotSeries::resolve(&m);
-        Metrics { registry, hot, ..m }
+        Metrics { registry, ..m }
     }
 
     /// Counts one cache lookup.
@@ -391,20 +396,14 @@ impl Metrics {
 }
 
 impl HotSeries {
-    /// Unconnected handles, replaced by [`HotSeries::resolve`] before `Metrics::new` returns.
-    fn placeholder() -> Self {
-        HotSeries {
-            cache_requests: Default::default(),
-            http_ok: Default::default(),
-            http_not_modified: Default::default(),
-            http_duration: std::array::from_fn(|_| duration_histogram()),
-        }
-    }
-
-    fn resolve(m: &Metrics) -> Self {
-        let cache = |cache, result| m.cache_requests.get_or_create(&CacheRequestLabels { cache, result }).clone();
+    fn resolve(
+        cache_requests: &Family<CacheRequestLabels, Counter>,
+        http_requests: &Family<HttpLabels, Counter>,
+        http_durations: &Family<RouteLabels, Histogram, fn() -> Histogram>,
+    ) -> Self {
+        let cache = |cache, result| cache_requests.get_or_create(&CacheRequestLabels { cache, result }).clone();
         let http = |route: ApiRoute, status| {
-            m.http_requests.get_or_create(&HttpLabels { route: route.as_str(), status }).clone()
+            http_requests.get_or_create(&HttpLabels { route: route.as_str(), status }).clone()
         };
         HotSeries {
             cache_requests: [CacheName::groups, CacheName::messages, CacheName::users]
@@ -412,7 +411,7 @@ impl HotSeries {
             http_ok: ApiRoute::SERVED.map(|r| http(r, 200)),
             http_not_modified: ApiRoute::SERVED.map(|r| http(r, 304)),
             http_duration: ApiRoute::SERVED
-                .map(|r| m.http_request_duration_seconds.get_or_create(&RouteLabels { route: r.as_str() }).clone()),
+                .map(|r| http_durations.get_or_create(&RouteLabels { route: r.as_str() }).clone()),
         }
     }
 }
