@@ -13,6 +13,7 @@ mod support;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use cruddur_syncd::store::Store;
 use serde_json::Value;
 use support::app::{App, Setup};
 use support::daemon::Daemon;
@@ -30,6 +31,34 @@ const READY: Duration = Duration::from_secs(30);
 const QUERY: &str = "DynamoDB_20120810.Query";
 const GET_RECORDS: &str = "DynamoDBStreams_20120810.GetRecords";
 const DESCRIBE_TABLE: &str = "DynamoDB_20120810.DescribeTable";
+
+/// Where every in-process fault test starts: a daemon, a cast of users and conversations, and a
+/// first workload written and converged, so the fault hits a warm cache.
+struct Scene {
+    app: App,
+    cast: Arc<Cast>,
+    api: ApiClient,
+    store: Store,
+    workload: Arc<Workload>,
+}
+
+impl Scene {
+    /// `cast`: name prefix, users, conversations, seed; `writes`: the first workload's size.
+    async fn start(setup: Setup, (prefix, users, groups, seed): (&str, usize, usize, u64), writes: usize) -> Scene {
+        let app = App::start_with(setup).await;
+        let cast = Arc::new(Cast::new(&app, prefix, users, groups, seed).await);
+        let (api, store) = (app.api_client(), app.store());
+        let workload = Arc::new(Workload::new(cast.clone(), 4));
+        workload.run(&store, writes).await;
+        converge(&api, &store, &cast, CONVERGE).await;
+        Scene { app, cast, api, store, workload }
+    }
+}
+
+/// A setup whose DynamoDB and Streams traffic goes through `proxy`.
+fn through(proxy: &FaultProxy) -> Setup {
+    Setup { dynamodb_endpoint: Some(proxy.url.clone()), streams_endpoint: Some(proxy.url.clone()), ..Setup::default() }
+}
 
 async fn status(http: &reqwest::Client, url: &str) -> u16 {
     http.get(url).send().await.map(|r| r.status().as_u16()).unwrap_or(0)
@@ -232,17 +261,7 @@ async fn a_replaced_stream_flushes_the_real_cache_and_counts_one_resync() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn dynamodb_unreachable_hits_served_misses_503_then_converges() {
     let proxy = FaultProxy::start(&support::moto_url()).await;
-    let app = App::start_with(Setup {
-        dynamodb_endpoint: Some(proxy.url.clone()),
-        streams_endpoint: Some(proxy.url.clone()),
-        ..Setup::default()
-    })
-    .await;
-    let cast = Arc::new(Cast::new(&app, "ddb", 6, 10, 3).await);
-    let (api, store) = (app.api_client(), app.store());
-    let workload = Arc::new(Workload::new(cast.clone(), 4));
-    workload.run(&store, 150).await;
-    converge(&api, &store, &cast, CONVERGE).await;
+    let Scene { app, cast, api, store, workload } = Scene::start(through(&proxy), ("ddb", 6, 10, 3), 150).await;
     let late = app.user("latecomer", None, true).await;
 
     // A black hole: requests reach nothing and get no answer.
@@ -295,17 +314,16 @@ async fn reconcile_runs(app: &App, result: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_down_cached_users_served_new_users_503_reconcile_retries() {
     let mut cluster = tokio::task::block_in_place(PgCluster::start);
-    let app = App::start_with(Setup {
-        postgres_url: Some(cluster.url("postgres")),
-        extra_config: "[reconcile]\ninterval = \"2s\"\njitter = \"0s\"\ncognito_max_rps = 50\n".into(),
-        ..Setup::default()
-    })
+    let Scene { app, cast, api, store, workload } = Scene::start(
+        Setup {
+            postgres_url: Some(cluster.url("postgres")),
+            extra_config: "[reconcile]\ninterval = \"2s\"\njitter = \"0s\"\ncognito_max_rps = 50\n".into(),
+            ..Setup::default()
+        },
+        ("pg", 4, 6, 4),
+        100,
+    )
     .await;
-    let cast = Arc::new(Cast::new(&app, "pg", 4, 6, 4).await);
-    let (api, store) = (app.api_client(), app.store());
-    let workload = Arc::new(Workload::new(cast.clone(), 4));
-    workload.run(&store, 100).await;
-    converge(&api, &store, &cast, CONVERGE).await;
     let newcomer = app.user("newcomer", None, true).await;
     wait_until(READY, "a scheduled reconcile succeeds", || async { reconcile_runs(&app, "success").await >= 1.0 })
         .await;
@@ -357,17 +375,7 @@ async fn postgres_down_cached_users_served_new_users_503_reconcile_retries() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn throttling_storm_on_the_stream_backs_off_then_converges() {
     let proxy = FaultProxy::start(&support::moto_url()).await;
-    let app = App::start_with(Setup {
-        dynamodb_endpoint: Some(proxy.url.clone()),
-        streams_endpoint: Some(proxy.url.clone()),
-        ..Setup::default()
-    })
-    .await;
-    let cast = Arc::new(Cast::new(&app, "storm", 6, 10, 5).await);
-    let (api, store) = (app.api_client(), app.store());
-    let workload = Arc::new(Workload::new(cast.clone(), 4));
-    workload.run(&store, 100).await;
-    converge(&api, &store, &cast, CONVERGE).await;
+    let Scene { app, cast, api, store, workload } = Scene::start(through(&proxy), ("storm", 6, 10, 5), 100).await;
     let throttled = || app.metric("cruddur_syncd_stream_errors_total", &["kind=\"throttled\""]);
     let before = throttled().await;
 
@@ -409,17 +417,7 @@ async fn throttling_storm_on_the_stream_backs_off_then_converges() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn query_storm_misses_are_503_never_500_then_converges() {
     let proxy = FaultProxy::start(&support::moto_url()).await;
-    let app = App::start_with(Setup {
-        dynamodb_endpoint: Some(proxy.url.clone()),
-        streams_endpoint: Some(proxy.url.clone()),
-        ..Setup::default()
-    })
-    .await;
-    let cast = Arc::new(Cast::new(&app, "qstorm", 4, 6, 6).await);
-    let (api, store) = (app.api_client(), app.store());
-    let workload = Workload::new(cast.clone(), 4);
-    workload.run(&store, 100).await;
-    converge(&api, &store, &cast, CONVERGE).await;
+    let Scene { app, cast, api, store, workload } = Scene::start(through(&proxy), ("qstorm", 4, 6, 6), 100).await;
     let late = app.user("latecomer", None, true).await;
     let (g, a, _) = cast.groups[0];
     let cached = &cast.users[a];
