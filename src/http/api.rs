@@ -78,7 +78,7 @@ pub fn router(state: Arc<ApiState>, opts: &ApiOptions) -> Router {
 }
 
 /// Everything the API does around a route, in one layer rather than one per concern (each
-/// `from_fn` costs a boxed future and a service clone per request; three of them were ~10% of a
+/// `from_fn` costs a boxed future and a service clone per request; three of them were ~8% of a
 /// cached request's CPU): tower-http's CORS logic with the policy in force at this request, the
 /// request metrics by route (the matched template, never the raw path), and a JSON body for the
 /// errors the stack below raises without one.
