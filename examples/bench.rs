@@ -1,10 +1,12 @@
 //! Helpers for `scripts/bench-api` (run through it, not by hand):
 //!
 //! ```text
-//! bench ceiling <listen> <body-file>             a minimal hyper server answering every request with the body
-//! bench floor <listen> <body-file>               the daemon's own accept loop and hyper settings with an axum
-//!                                                Router whose one route returns the body: what the HTTP stack
-//!                                                costs before the daemon does any work of its own
+//! bench ceiling <listen> <head-file> <body-file> a minimal hyper server answering every request with the
+//!                                                daemon's response: its headers (as `curl -D` saved them)
+//!                                                and body
+//! bench floor <listen> <head-file> <body-file>   the daemon's own accept loop and hyper settings with an axum
+//!                                                Router whose one route returns the same response: what the
+//!                                                HTTP stack costs before the daemon does any work of its own
 //! bench populate <config> <user-uuid> <n>        n extra conversations for a user (a realistic 5 KB list)
 //! bench freshness <config> <token> <group> <rate> <seconds>
 //!                                                PutItem acknowledged -> visible in the API, p50/p99
@@ -23,6 +25,7 @@ use cruddur_syncd::metrics::Metrics;
 use cruddur_syncd::model::{Message, MessageGroup, MessageGroupId, MessageId, Sk, UserUuid};
 use cruddur_syncd::store::Store;
 use http_body_util::Full;
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use support::{ms, quantile, rss_bytes, AnyResult};
@@ -38,8 +41,8 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 async fn main() -> AnyResult<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
-        ["ceiling", listen, body] => ceiling(listen, body).await,
-        ["floor", listen, body] => floor(listen, body).await,
+        ["ceiling", listen, head, body] => ceiling(listen, Canned::read(head, body)?).await,
+        ["floor", listen, head, body] => floor(listen, Canned::read(head, body)?).await,
         ["populate", cfg, user, n] => populate(cfg, user.parse()?, n.parse()?).await,
         ["freshness", cfg, token, group, rate, secs] => {
             freshness(cfg, token, group.parse()?, rate.parse()?, secs.parse()?).await
@@ -49,25 +52,54 @@ async fn main() -> AnyResult<()> {
     }
 }
 
+/// The daemon's answer, replayed byte for byte (but for `date`, which hyper writes itself) by the
+/// ceiling and the floor, so that all three servers send the same bytes.
+#[derive(Clone)]
+struct Canned {
+    head: HeaderMap,
+    body: Bytes,
+}
+
+impl Canned {
+    /// `head`: a response head as `curl -D` writes it (status line, then `name: value` lines).
+    fn read(head: &str, body: &str) -> AnyResult<Canned> {
+        let mut map = HeaderMap::new();
+        for line in std::fs::read_to_string(head)?.lines().skip(1) {
+            let Some((name, value)) = line.split_once(':') else { continue };
+            let name = HeaderName::from_bytes(name.trim().as_bytes())?;
+            // hyper writes these from the connection and the body.
+            if [header::DATE, header::CONTENT_LENGTH, header::CONNECTION, header::TRANSFER_ENCODING].contains(&name) {
+                continue;
+            }
+            map.append(name, HeaderValue::from_str(value.trim())?);
+        }
+        Ok(Canned { head: map, body: Bytes::from(std::fs::read(body)?) })
+    }
+
+    /// The response, built the way the daemon builds its own: the body, then one cheap clone
+    /// (a reference count) per header value.
+    fn response<B: From<Bytes>>(&self) -> Response<B> {
+        let mut res = Response::new(B::from(self.body.clone()));
+        let h = res.headers_mut();
+        for (name, value) in &self.head {
+            h.append(name.clone(), value.clone());
+        }
+        res
+    }
+}
+
 /// The ceiling: the same bytes from the thinnest server hyper allows.
-async fn ceiling(listen: &str, body: &str) -> AnyResult<()> {
-    let body = Bytes::from(std::fs::read(body)?);
+async fn ceiling(listen: &str, canned: Canned) -> AnyResult<()> {
+    let canned = Arc::new(canned);
     let listener = tokio::net::TcpListener::bind(listen).await?;
     loop {
         let (stream, _) = listener.accept().await?;
         let _ = stream.set_nodelay(true);
-        let body = body.clone();
+        let canned = canned.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |_req: Request<hyper::body::Incoming>| {
-                let body = body.clone();
-                async move {
-                    Ok::<_, Infallible>(
-                        Response::builder()
-                            .header("content-type", "application/json")
-                            .body(Full::new(body))
-                            .unwrap_or_default(),
-                    )
-                }
+                let res = canned.response::<Full<Bytes>>();
+                async move { Ok::<_, Infallible>(res) }
             });
             let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
         });
@@ -77,14 +109,14 @@ async fn ceiling(listen: &str, body: &str) -> AnyResult<()> {
 /// The floor: what `cruddur_syncd::http::serve` and an axum `Router` cost with nothing behind
 /// them, under the daemon's defaults (header-read timeout, connection cap). No middleware, no
 /// auth, no cache: the gap between this and the ceiling is the price of the chosen stack.
-async fn floor(listen: &str, body: &str) -> AnyResult<()> {
-    let body = Bytes::from(std::fs::read(body)?);
+async fn floor(listen: &str, canned: Canned) -> AnyResult<()> {
+    let canned = Arc::new(canned);
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let router = axum::Router::new().route(
         "/api/message_groups",
         axum::routing::get(move || {
-            let body = body.clone();
-            async move { ([(hyper::header::CONTENT_TYPE, "application/json")], body) }
+            let res = canned.response::<axum::body::Body>();
+            async move { res }
         }),
     );
     let opts = cruddur_syncd::http::ServeOptions::from(&cruddur_syncd::config::HttpConfig::default());
