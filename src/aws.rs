@@ -2,10 +2,24 @@
 
 use std::time::Duration;
 
+use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, Region, SdkConfig};
 
 use crate::config::AwsConfig;
+
+/// Attempts per AWS call, the first included (the SDK's standard retry mode).
+pub const CALL_ATTEMPTS: u32 = 3;
+/// The SDK's first pause between attempts; each later one is at most twice the one before
+/// (full jitter), so all pauses of one call add up to at most `2^(CALL_ATTEMPTS-1) - 1` of it.
+const RETRY_BASE: Duration = Duration::from_secs(1);
+
+/// The longest one AWS call can take with every attempt and every pause between them. The SDK
+/// is told to give up then (`operation_timeout`), so a loop that makes one call per turn can
+/// promise its next turn by then, whatever the network does (see `TailerStatus::turn_limit`).
+pub fn call_bound(call_timeout: Duration) -> Duration {
+    call_timeout * CALL_ATTEMPTS + RETRY_BASE * ((1 << (CALL_ATTEMPTS - 1)) - 1)
+}
 
 /// The clients every component shares; cheap to clone.
 #[derive(Clone, Debug)]
@@ -28,10 +42,14 @@ pub async fn sdk_config(cfg: &AwsConfig) -> SdkConfig {
     let timeouts = TimeoutConfig::builder()
         .connect_timeout(Duration::from_secs(3))
         .operation_attempt_timeout(cfg.call_timeout)
+        .operation_timeout(call_bound(cfg.call_timeout))
         .build();
+    // The SDK's defaults, spelled out: `call_bound` depends on them.
+    let retries = RetryConfig::standard().with_max_attempts(CALL_ATTEMPTS).with_initial_backoff(RETRY_BASE);
     let mut loader = aws_config::defaults(BehaviorVersion::latest())
         .region(Region::new(cfg.region.clone()))
-        .timeout_config(timeouts);
+        .timeout_config(timeouts)
+        .retry_config(retries);
     if cfg.emulator_credentials {
         loader = loader.test_credentials();
     }

@@ -37,7 +37,7 @@ use crate::reconcile::{self, Reconciler};
 use crate::reload::Live;
 use crate::store::Store;
 use crate::stream::aws_source::AwsSource;
-use crate::stream::tailer::{Tailer, TailerStatus};
+use crate::stream::tailer::{Tailer, TailerStatus, TurnBounds};
 use crate::{aws, pg, reload, service};
 
 /// How often PostgreSQL is pinged for readiness (SPEC: it must have answered within 30 s).
@@ -118,8 +118,11 @@ pub async fn start(loaded: &LoadedConfig) -> Result<Running> {
         };
         tasks.spawn(projector.run(background.child_token()));
     }
+    // A delivery waits at most for a load of the same key (the rule in `cache`'s docs).
+    let bounds = TurnBounds { call: aws::call_bound(cfg.aws.call_timeout), delivery: load_timeout };
     let tailer = Tailer::new(source, cfg.dynamodb.table.clone(), cfg.stream.clone(), metrics.clone())
-        .with_poll_interval(poll_rx);
+        .with_poll_interval(poll_rx)
+        .with_bounds(bounds);
     let stream_status = tailer.status();
     tasks.spawn(tailer.run(cache.clone(), background.child_token()));
     tasks.spawn(ping_postgres(pool, target, pg_health.clone(), background.child_token()));

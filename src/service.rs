@@ -16,12 +16,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cache::Cache;
 use crate::http::Heartbeat;
-use crate::stream::tailer::{TailerStatus, BACKOFF_CAP};
+use crate::stream::tailer::TailerStatus;
 
-/// The stream loop counts as stuck when its `last_progress` is older than this (or than the
-/// watchdog timeout, when that is longer). A healthy tailer moves it at least every
-/// `BACKOFF_CAP` (10 s) plus one call, so this leaves room for a slow call after a backoff.
-pub const STREAM_STALL_LIMIT: Duration = Duration::from_secs(30);
 /// The accept loop beats every second; this much silence means it (or the runtime) is stuck.
 pub const HTTP_STALL_LIMIT: Duration = Duration::from_secs(10);
 /// How often `STATUS=` is refreshed without a watchdog (with one: at every ping).
@@ -72,11 +68,14 @@ impl Probes {
     }
 
     /// Why the daemon is not healthy, or None when both loops made progress recently.
+    ///
+    /// The stream loop is stuck only when it overran what its own timeouts allow
+    /// (`TailerStatus::turn_limit`): an AWS endpoint that does not answer makes every turn as
+    /// long as its calls' timeouts, and restarting the daemon would not bring the endpoint back
+    /// but would lose the cache that keeps serving meanwhile.
     pub fn stuck(&self, watchdog: Duration) -> Option<String> {
-        let stream_age = self.stream.borrow().last_progress.elapsed();
-        let stream_limit = STREAM_STALL_LIMIT.max(watchdog).max(BACKOFF_CAP * 2);
-        if stream_age > stream_limit {
-            return Some(format!("the stream loop made no progress for {}s", stream_age.as_secs()));
+        if let Some(age) = self.stream.borrow().stuck_for(watchdog) {
+            return Some(format!("the stream loop made no progress for {}s", age.as_secs()));
         }
         let api_age = self.api.age();
         if api_age > HTTP_STALL_LIMIT.max(watchdog) {

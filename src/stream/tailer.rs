@@ -90,11 +90,23 @@ pub struct TailerStatus {
     pub shards_reading: usize,
     /// Finished shards still listed in the tree (remembered so they are not read again).
     pub shards_finished: usize,
-    /// The oldest "last loop iteration" of the coordinator and of every reader. A reader blocked
-    /// in the sink stops moving it; a healthy one moves it at least every `BACKOFF_CAP` (plus a
-    /// GetRecords call), so a watchdog should allow well over that.
+    /// The oldest "last loop iteration" of the coordinator and of every reader, as of the last
+    /// time the coordinator published.
     pub last_progress: Instant,
+    /// How old `last_progress` can get while every loop is healthy but each of its calls times
+    /// out: a liveness check must allow this much, or it would restart the daemon for an AWS
+    /// outage that a restart cannot cure (and lose the cache it still serves from).
+    pub turn_limit: Duration,
     pub last_error: Option<String>,
+}
+
+impl TailerStatus {
+    /// How long the loops have gone without a turn, when that is more than their own timeouts
+    /// allow (`turn_limit`) and more than `floor`: then they are stuck, not merely waiting.
+    pub fn stuck_for(&self, floor: Duration) -> Option<Duration> {
+        let age = self.last_progress.elapsed();
+        (age > self.turn_limit.max(floor)).then_some(age)
+    }
 }
 
 /// Where the tailer starts on a stream it finds.
@@ -137,6 +149,36 @@ pub struct Tailer<S> {
     status: watch::Sender<TailerStatus>,
     poll_interval: watch::Receiver<Duration>,
     plan: StartPlan,
+    bounds: TurnBounds,
+}
+
+/// What one turn of a stream loop can wait on besides its own sleep.
+#[derive(Debug, Clone, Copy)]
+pub struct TurnBounds {
+    /// The longest one source call can take, retries included (`aws::call_bound`).
+    pub call: Duration,
+    /// The longest handing a page to the sink can take (the cache may wait for a load of the
+    /// same key, which its load timeout bounds).
+    pub delivery: Duration,
+}
+
+impl Default for TurnBounds {
+    fn default() -> Self {
+        TurnBounds {
+            call: crate::aws::call_bound(crate::config::AwsConfig::default().call_timeout),
+            delivery: Duration::from_secs(10),
+        }
+    }
+}
+
+impl TurnBounds {
+    /// `TailerStatus::turn_limit` when readers sleep at most `poll_interval` between calls.
+    /// A reader's turn is one sleep (the poll interval or an error backoff), one call and one
+    /// delivery. The coordinator republishes the readers' progress, and may itself be inside
+    /// one call meanwhile, so a second call's worth is allowed on top; plus scheduling slack.
+    fn turn_limit(&self, poll_interval: Duration) -> Duration {
+        poll_interval.max(BACKOFF_CAP) + self.call * 2 + self.delivery + HEARTBEAT * 5
+    }
 }
 
 impl<S: StreamSource> Tailer<S> {
@@ -149,10 +191,29 @@ impl<S: StreamSource> Tailer<S> {
             shards_reading: 0,
             shards_finished: 0,
             last_progress: Instant::now(),
+            turn_limit: TurnBounds::default().turn_limit(cfg.poll_interval),
             last_error: None,
         });
         let poll_interval = watch::channel(cfg.poll_interval).1;
-        Tailer { source, table: table.into(), cfg, metrics, status, poll_interval, plan: StartPlan::default() }
+        Tailer {
+            source,
+            table: table.into(),
+            cfg,
+            metrics,
+            status,
+            poll_interval,
+            plan: StartPlan::default(),
+            bounds: TurnBounds::default(),
+        }
+    }
+
+    /// How long the source's calls and the sink's deliveries can take at most (the defaults
+    /// assume the default `aws.call_timeout`).
+    pub fn with_bounds(mut self, bounds: TurnBounds) -> Self {
+        self.bounds = bounds;
+        let limit = bounds.turn_limit(*self.poll_interval.borrow());
+        self.status.send_modify(|s| s.turn_limit = limit);
+        self
     }
 
     /// Starts as `plan` says instead of at LATEST.
@@ -186,6 +247,7 @@ impl<S: StreamSource> Tailer<S> {
             status: self.status,
             poll_interval: self.poll_interval,
             plan: self.plan,
+            bounds: self.bounds,
             epoch: Instant::now(),
             notify: Arc::new(Notify::new()),
             ages: Arc::new(AgeBoard::default()),
@@ -342,6 +404,7 @@ struct Coordinator<S, K> {
     status: watch::Sender<TailerStatus>,
     poll_interval: watch::Receiver<Duration>,
     plan: StartPlan,
+    bounds: TurnBounds,
     epoch: Instant,
     notify: Arc<Notify>,
     ages: Arc<AgeBoard>,
@@ -439,6 +502,7 @@ impl<S: StreamSource, K: ChangeSink> Coordinator<S, K> {
             shards_reading: self.readers.len(),
             shards_finished: self.finished.len(),
             last_progress: oldest,
+            turn_limit: self.bounds.turn_limit(*self.poll_interval.borrow()),
             last_error: self.last_error.clone(),
         });
     }
@@ -920,6 +984,47 @@ impl<S: StreamSource, K: ChangeSink> Reader<S, K> {
                 let wait = *self.poll_interval.borrow();
                 next_call = next_call.max(Instant::now() + wait);
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(age: Duration, turn_limit: Duration) -> TailerStatus {
+        TailerStatus {
+            positioned: true,
+            state: TailerState::Streaming,
+            stream_arn: None,
+            view_type: None,
+            shards_reading: 1,
+            shards_finished: 0,
+            last_progress: Instant::now() - age,
+            turn_limit,
+            last_error: None,
+        }
+    }
+
+    #[test]
+    fn stuck_only_past_the_turn_limit_or_the_floor() {
+        let limit = Duration::from_secs(90);
+        assert_eq!(status(Duration::from_secs(60), limit).stuck_for(Duration::ZERO), None);
+        assert!(status(Duration::from_secs(95), limit).stuck_for(Duration::ZERO).is_some());
+        // A watchdog interval longer than the limit raises it.
+        assert_eq!(status(Duration::from_secs(95), limit).stuck_for(Duration::from_secs(120)), None);
+    }
+
+    #[test]
+    fn the_turn_limit_covers_a_reader_turn_and_a_coordinator_call_when_every_call_times_out() {
+        let bounds =
+            TurnBounds { call: crate::aws::call_bound(Duration::from_secs(10)), delivery: Duration::from_secs(4) };
+        assert_eq!(bounds.call, Duration::from_secs(33));
+        // The longest sleep (the backoff cap, or a longer poll interval), then two calls that
+        // time out and a delivery that waits for a load.
+        let worst = |poll: Duration| poll.max(BACKOFF_CAP) + bounds.call * 2 + bounds.delivery;
+        for poll in [Duration::from_millis(250), Duration::from_secs(30), Duration::from_secs(60)] {
+            assert!(bounds.turn_limit(poll) > worst(poll), "{poll:?}");
         }
     }
 }
