@@ -10,8 +10,10 @@ use crate::config::AwsConfig;
 
 /// Attempts per AWS call, the first included (the SDK's standard retry mode).
 pub const CALL_ATTEMPTS: u32 = 3;
-/// The SDK's first pause between attempts; each later one is at most twice the one before
-/// (full jitter), so all pauses of one call add up to at most `2^(CALL_ATTEMPTS-1) - 1` of it.
+/// The SDK's pause before retry `n` (from 1) is a random fraction of `RETRY_BASE * 2^(n-1)`,
+/// capped at the max backoff, so all pauses of one call add up to at most
+/// `(2^(CALL_ATTEMPTS-1) - 1) * RETRY_BASE`. The cap is set to the longest of them, so that a
+/// service's retry-after hint cannot stretch a pause past what `call_bound` counts.
 const RETRY_BASE: Duration = Duration::from_secs(1);
 
 /// The longest one AWS call can take with every attempt and every pause between them. The SDK
@@ -44,8 +46,12 @@ pub async fn sdk_config(cfg: &AwsConfig) -> SdkConfig {
         .operation_attempt_timeout(cfg.call_timeout)
         .operation_timeout(call_bound(cfg.call_timeout))
         .build();
-    // The SDK's defaults, spelled out: `call_bound` depends on them.
-    let retries = RetryConfig::standard().with_max_attempts(CALL_ATTEMPTS).with_initial_backoff(RETRY_BASE);
+    // The SDK's defaults but for the pause cap, spelled out because `call_bound` depends on
+    // them (so `AWS_MAX_ATTEMPTS` and `AWS_RETRY_MODE` do not apply).
+    let retries = RetryConfig::standard()
+        .with_max_attempts(CALL_ATTEMPTS)
+        .with_initial_backoff(RETRY_BASE)
+        .with_max_backoff(RETRY_BASE * (1 << (CALL_ATTEMPTS - 2)));
     let mut loader = aws_config::defaults(BehaviorVersion::latest())
         .region(Region::new(cfg.region.clone()))
         .timeout_config(timeouts)
@@ -81,5 +87,17 @@ pub async fn clients(cfg: &AwsConfig) -> Clients {
             streams: cfg.streams_endpoint().map(str::to_string).unwrap_or_else(|| default_endpoint("streams.dynamodb")),
             cognito: cfg.cognito_endpoint().map(str::to_string).unwrap_or_else(|| default_endpoint("cognito-idp")),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_call_is_bounded_by_its_attempts_and_pauses() {
+        // Three 10 s attempts and pauses of at most 1 s and 2 s.
+        assert_eq!(call_bound(Duration::from_secs(10)), Duration::from_secs(33));
+        assert_eq!(call_bound(Duration::from_millis(500)), Duration::from_millis(4500));
     }
 }

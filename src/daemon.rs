@@ -118,8 +118,9 @@ pub async fn start(loaded: &LoadedConfig) -> Result<Running> {
         };
         tasks.spawn(projector.run(background.child_token()));
     }
-    // A delivery waits at most for a load of the same key (the rule in `cache`'s docs).
-    let bounds = TurnBounds { call: aws::call_bound(cfg.aws.call_timeout), delivery: load_timeout };
+    // A delivery waits for the loads of the same key queued before it (the rule in `cache`'s
+    // docs); each gives up with its request, so one key waits about a request timeout at most.
+    let bounds = TurnBounds { call: aws::call_bound(cfg.aws.call_timeout), delivery: cfg.http.request_timeout };
     let tailer = Tailer::new(source, cfg.dynamodb.table.clone(), cfg.stream.clone(), metrics.clone())
         .with_poll_interval(poll_rx)
         .with_bounds(bounds);

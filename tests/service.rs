@@ -17,9 +17,9 @@ use cruddur_syncd::store::Store;
 use cruddur_syncd::tools::{self, JsonLines};
 use support::daemon::{metric, Daemon};
 use support::fault_proxy::{Fault, FaultProxy, Rule, ANY};
+use support::TestDb;
 
 const GET_RECORDS: &str = "DynamoDBStreams_20120810.GetRecords";
-use support::TestDb;
 
 /// A Cognito pool with one provisioned user, a database, a table and a config file.
 struct Fixture {
@@ -226,6 +226,9 @@ async fn a_streams_outage_longer_than_a_turn_is_not_a_stuck_daemon() {
 
     proxy.inject(Rule::on(ANY, Fault::Hang));
     let outage = Instant::now();
+    // A GetRecords already past the proxy comes back at once; only then is the change written,
+    // so that nothing can carry it before the outage ends.
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let group = MessageGroupId(uuid::Uuid::new_v4());
     let row = MessageGroup {
         owner: UserUuid(fx.user),

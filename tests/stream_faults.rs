@@ -15,6 +15,7 @@ use cruddur_syncd::metrics::{ErrorLabels, Metrics, StreamErrorKind, StreamEvent}
 use cruddur_syncd::model::{Item, Message, MessageGroupId, MessageId, Sk, UserUuid};
 use cruddur_syncd::stream::scripted::{Op, ScriptedSource};
 use cruddur_syncd::stream::source::{Position, SourceError};
+use cruddur_syncd::stream::tailer::TurnBounds;
 use cruddur_syncd::stream::{
     Change, FreshStart, GapReason, Progress, SavedPositions, ShardId, StartPlan, Tailer, TailerState, TailerStatus,
 };
@@ -607,4 +608,76 @@ async fn saved_positions_of_another_stream_do_not_apply() {
     h.positioned().await;
     assert_eq!(h.source.positions_for("s-0"), [Position::Latest]);
     h.stop().await;
+}
+
+/// A slow service that still answers (every call takes nearly its whole bound) and a shard tree
+/// of several DescribeStream pages: the progress the tailer publishes never gets older than the
+/// turn limit it publishes beside it, so `/livez` and the watchdog do not call a slow loop
+/// stuck. (The coordinator used to publish only between syncs: five slow calls in a row.)
+#[tokio::test(start_paused = true)]
+async fn slow_calls_and_a_paged_tree_stay_within_the_published_turn_limit() {
+    let source = Arc::new(ScriptedSource::new("arn:stream/1", &["s-0", "s-1", "s-2", "s-3"]));
+    source.set_describe_page_size(1);
+    let bounds = TurnBounds { call: Duration::from_secs(33), delivery: Duration::from_secs(5) };
+    let sink = Arc::new(RecordingSink::default());
+    let tailer =
+        Tailer::new(Arc::clone(&source), "cruddur-messages", StreamConfig::default(), Arc::new(Metrics::new()))
+            .with_bounds(bounds);
+    let status = tailer.status();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(tailer.run(Arc::clone(&sink), shutdown.clone()));
+    wait_until(DEADLINE, "the tailer is positioned", || {
+        let ok = status.borrow().positioned;
+        async move { ok }
+    })
+    .await;
+
+    source.set_latency(bounds.call - Duration::from_secs(1));
+    let slow_since = tokio::time::Instant::now();
+    let mut oldest = Duration::ZERO;
+    let mut sent = 0;
+    while slow_since.elapsed() < Duration::from_secs(600) {
+        push_many(&source, &format!("s-{}", sent % 4), sent, 1);
+        sent += 1;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let s = status.borrow().clone();
+        let age = s.last_progress.elapsed();
+        oldest = oldest.max(age);
+        assert!(
+            s.stuck_for(Duration::ZERO).is_none(),
+            "progress {age:?} old against a turn limit of {:?}",
+            s.turn_limit
+        );
+    }
+    assert!(oldest > bounds.call, "the loops were slow ({oldest:?} at most), or the test proves nothing");
+    assert!(!sink.changes().is_empty(), "records were delivered meanwhile");
+    shutdown.cancel();
+    task.await.unwrap();
+}
+
+/// A reload that shortens `stream.poll_interval` cuts an empty poll's wait that is already under
+/// way (no reader sleeps longer than the interval in force, which the turn limit counts on).
+#[tokio::test(start_paused = true)]
+async fn a_shorter_poll_interval_cuts_the_wait_under_way() {
+    let source = Arc::new(ScriptedSource::new("arn:stream/1", &["s-0"]));
+    let (poll_tx, poll_rx) = watch::channel(Duration::from_secs(60));
+    let cfg = StreamConfig { poll_interval: Duration::from_secs(60), ..StreamConfig::default() };
+    let tailer =
+        Tailer::new(Arc::clone(&source), "cruddur-messages", cfg, Arc::new(Metrics::new())).with_poll_interval(poll_rx);
+    let status = tailer.status();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(tailer.run(Arc::new(RecordingSink::default()), shutdown.clone()));
+    wait_until(DEADLINE, "the first empty poll", || {
+        let ok = status.borrow().positioned && source.get_records_calls() >= 1;
+        async move { ok }
+    })
+    .await;
+    let before = source.get_records_calls();
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    assert_eq!(source.get_records_calls(), before, "waiting out the 60 s poll interval");
+    poll_tx.send(Duration::from_millis(250)).unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(source.get_records_calls() > before, "the shorter interval applies to the wait under way");
+    shutdown.cancel();
+    task.await.unwrap();
 }

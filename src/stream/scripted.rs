@@ -98,6 +98,7 @@ struct State {
     describe_page_size: usize,
     records_page_size: usize,
     throttled: bool,
+    latency: std::time::Duration,
     failures: HashMap<Op, VecDeque<SourceError>>,
     calls: Calls,
 }
@@ -123,6 +124,7 @@ impl ScriptedSource {
                 describe_page_size: 100,
                 records_page_size: 1000,
                 throttled: false,
+                latency: std::time::Duration::ZERO,
                 failures: HashMap::new(),
                 calls: Calls::default(),
             }),
@@ -226,6 +228,19 @@ impl ScriptedSource {
         self.lock().throttled = on;
     }
 
+    /// Every call answers only after `latency` (a slow service that still answers; under
+    /// tokio's paused clock this costs no real time).
+    pub fn set_latency(&self, latency: std::time::Duration) {
+        self.lock().latency = latency;
+    }
+
+    async fn answer_late(&self) {
+        let latency = self.lock().latency;
+        if !latency.is_zero() {
+            tokio::time::sleep(latency).await;
+        }
+    }
+
     /// The next call of `op` fails with `err` (queued after earlier scripted failures).
     pub fn fail_next(&self, op: Op, err: SourceError) {
         self.lock().failures.entry(op).or_default().push_back(err);
@@ -321,6 +336,7 @@ fn find_shard<'a>(st: &'a State, arn: &str, shard: &ShardId) -> Result<&'a FakeS
 
 impl StreamSource for ScriptedSource {
     async fn describe_table(&self, table: &str) -> Result<TableStream, SourceError> {
+        self.answer_late().await;
         let mut st = self.lock();
         st.calls.describe_table += 1;
         if let Some(err) = take_failure(&mut st, Op::DescribeTable) {
@@ -341,6 +357,7 @@ impl StreamSource for ScriptedSource {
         stream_arn: &str,
         exclusive_start: Option<&ShardId>,
     ) -> Result<ShardPage, SourceError> {
+        self.answer_late().await;
         let mut st = self.lock();
         st.calls.describe_stream += 1;
         if let Some(err) = take_failure(&mut st, Op::DescribeStream) {
@@ -374,6 +391,7 @@ impl StreamSource for ScriptedSource {
         shard: &ShardId,
         position: &Position,
     ) -> Result<ShardIterator, SourceError> {
+        self.answer_late().await;
         let mut st = self.lock();
         st.calls.get_shard_iterator.push((shard.clone(), position.clone()));
         if let Some(err) = take_failure(&mut st, Op::GetShardIterator) {
@@ -397,6 +415,7 @@ impl StreamSource for ScriptedSource {
     }
 
     async fn get_records(&self, iterator: &ShardIterator) -> Result<RecordsPage, SourceError> {
+        self.answer_late().await;
         let mut st = self.lock();
         let Some(it) = st.iterators.get(&iterator.0).cloned() else {
             return Err(SourceError::Other(format!("unknown iterator {iterator:?}")));
