@@ -54,7 +54,6 @@ async fn main() -> AnyResult<()> {
 
 /// The daemon's answer, replayed byte for byte (but for `date`, which hyper writes itself) by the
 /// ceiling and the floor, so that all three servers send the same bytes.
-#[derive(Clone)]
 struct Canned {
     head: HeaderMap,
     body: Bytes,

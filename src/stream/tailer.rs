@@ -157,8 +157,8 @@ pub struct Tailer<S> {
 pub struct TurnBounds {
     /// The longest one source call can take, retries included (`aws::call_bound`).
     pub call: Duration,
-    /// The longest handing a page to the sink can take (the cache may wait for a load of the
-    /// same key, which its load timeout bounds).
+    /// The longest handing a page to the sink can take (the cache may wait for loads of the
+    /// same key queued before the change, each of which gives up with its request).
     pub delivery: Duration,
 }
 
@@ -209,7 +209,7 @@ impl<S: StreamSource> Tailer<S> {
     }
 
     /// How long the source's calls and the sink's deliveries can take at most (the defaults
-    /// assume the default `aws.call_timeout`).
+    /// assume the default `aws.call_timeout` and `http.request_timeout`).
     pub fn with_bounds(mut self, bounds: TurnBounds) -> Self {
         self.bounds = bounds;
         let limit = bounds.turn_limit(*self.poll_interval.borrow());
