@@ -229,6 +229,17 @@ impl App {
         self.http.get(format!("{}{path}", self.api)).bearer_auth(token).send().await.unwrap()
     }
 
+    /// A list route's items, or `None` for any other answer. For waits only: a change that
+    /// takes two writes (the Lambda's delete + put of a group row) is served in between, as
+    /// Flask would serve it, and a `messages` read then is a 404.
+    pub async fn list_if_ok(&self, path: &str, token: &str) -> Option<Vec<serde_json::Value>> {
+        let res = self.get(path, token).await;
+        if res.status() != reqwest::StatusCode::OK {
+            return None;
+        }
+        Some(res.json().await.expect("a 200 from a list route is a JSON array"))
+    }
+
     pub async fn metrics(&self) -> String {
         self.http.get(format!("{}/metrics", self.admin)).send().await.unwrap().text().await.unwrap()
     }
