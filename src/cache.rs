@@ -21,7 +21,8 @@
 //!
 //! A gap (records possibly lost) bumps an epoch and flushes everything; a load that started
 //! under an older epoch serves its caller but does not insert, since changes it missed may be
-//! among the lost ones.
+//! among the lost ones. The tailer's first positioning at start does the same: a write made
+//! before it holds LATEST is in no record it will read, so a load from before then may be stale.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -613,10 +614,14 @@ impl Cache {
     /// Drops everything derived from the stream (users are not: they come from PostgreSQL).
     /// The tailer, which reports the gap, counts it (`stream_resyncs_total`) and logs it.
     pub fn flush(&self, reason: &GapReason) {
+        self.forget_stream_derived();
+        tracing::debug!(%reason, "flushed the conversation caches");
+    }
+
+    fn forget_stream_derived(&self) {
         self.epoch.fetch_add(1, Ordering::AcqRel);
         self.groups.invalidate_all();
         self.messages.invalidate_all();
-        tracing::debug!(%reason, "flushed the conversation caches");
     }
 
     /// Brings the entry and weight gauges up to date (called when metrics are scraped).
@@ -649,6 +654,14 @@ impl ChangeSink for Cache {
 
     async fn gap(&self, reason: GapReason) {
         self.flush(&reason);
+    }
+
+    /// The API serves before the tailer holds LATEST (readiness says so), so loads made until
+    /// now may predate a write no record will bring: they go, and loads still running under the
+    /// old epoch serve their caller without inserting.
+    async fn positioned(&self) {
+        self.forget_stream_derived();
+        tracing::debug!("positioned on the stream: dropped what was loaded before");
     }
 }
 

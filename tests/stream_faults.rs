@@ -351,6 +351,37 @@ async fn an_expired_iterator_whose_resume_point_was_trimmed_is_a_gap() {
     h.stop().await;
 }
 
+fn positionings(h: &Harness) -> usize {
+    h.sink.events().iter().filter(|e| **e == SinkEvent::Positioned).count()
+}
+
+/// The cache serves before the tailer holds LATEST, so it must hear when the tailer does:
+/// after every shard's iterator, before readiness, and not as a gap.
+#[tokio::test(start_paused = true)]
+async fn a_latest_start_reports_positioned_once_every_shard_holds_its_iterator() {
+    let source = ScriptedSource::new("arn:stream/1", &["s-0", "s-1"]);
+    // Each call takes 2 s and one shard's first try fails: it retries after a backoff (and 2 s
+    // more) while the other already holds LATEST.
+    source.set_latency(Duration::from_secs(2));
+    source.fail_next(Op::GetShardIterator, SourceError::Throttled("LimitExceededException".into()));
+    let h = start(source);
+    wait_until(DEADLINE, "one shard holds its iterator, the other failed", || {
+        let n = h.source.positions_for("s-0").len() + h.source.positions_for("s-1").len();
+        async move { n >= 2 }
+    })
+    .await;
+    assert!(!h.status.borrow().positioned);
+    assert_eq!(positionings(&h), 0, "not before every shard holds LATEST");
+    h.positioned().await;
+    assert_eq!(h.sink.events().first(), Some(&SinkEvent::Positioned), "reported before readiness");
+    let later = push_many(&h.source, "s-1", 0, 2);
+    h.delivered(&later).await;
+    assert_eq!(positionings(&h), 1);
+    assert!(h.sink.gaps().is_empty());
+    assert_eq!(h.metrics.stream_resyncs.get(), 0, "a start is not a resync");
+    h.stop().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_replaced_stream_is_a_gap_reported_once_positioned_on_the_new_one() {
     let h = start(ScriptedSource::new("arn:stream/1", &["s-0"]));
@@ -372,6 +403,7 @@ async fn a_replaced_stream_is_a_gap_reported_once_positioned_on_the_new_one() {
     h.delivered(&later).await;
     assert_eq!(h.metrics.stream_resyncs.get(), 1);
     assert_eq!(h.sink.gaps().len(), 1);
+    assert_eq!(positionings(&h), 1, "the first stream's start only: the new one is a gap");
     h.stop().await;
 }
 
@@ -463,6 +495,7 @@ async fn a_stream_enabled_after_start_is_a_gap_once_positioned() {
     h.source.replace_stream("arn:stream/2", &["t-0"]);
     h.positioned().await;
     assert_eq!(h.sink.gaps(), [GapReason::NewStream { old_arn: None, new_arn: "arn:stream/2".into() }]);
+    assert_eq!(positionings(&h), 0, "the gap drops what was loaded");
     h.stop().await;
 }
 
@@ -590,6 +623,7 @@ async fn a_trim_horizon_start_reads_every_record_parents_first() {
     h.delivered(&["p1".to_string(), "k1".to_string()]).await;
     assert_eq!(h.texts(), ["p1", "k1"]);
     assert_eq!(h.source.positions_for("p"), [Position::TrimHorizon]);
+    assert_eq!(positionings(&h), 0, "every retained record is replayed: nothing loaded can stay stale");
     h.stop().await;
 }
 

@@ -53,6 +53,15 @@ pub trait ChangeSink: Send + Sync + 'static {
     /// stream): everything derived from the stream must be dropped.
     fn gap(&self, reason: GapReason) -> impl Future<Output = ()> + Send;
 
+    /// The tailer now holds a position on every shard of a stream it started reading at
+    /// LATEST with no gap to report (the daemon's start): every later write reaches
+    /// [`ChangeSink::apply`], an earlier one never does. Whatever was read from the table before
+    /// this moment may predate such a write and stay stale, so the cache drops it. Not a gap:
+    /// nothing the stream carried was lost, so it is not counted as a resync.
+    fn positioned(&self) -> impl Future<Output = ()> + Send {
+        std::future::ready(())
+    }
+
     /// A shard's reader got this far: every record up to `last_sequence_number` was handed to
     /// [`ChangeSink::apply`] and it returned (records that did not decode included). Called
     /// after each non-empty page and when the shard was read to its end. A sink that saves

@@ -263,6 +263,7 @@ impl<S: StreamSource> Tailer<S> {
             tasks: JoinSet::new(),
             finished: HashSet::new(),
             pending_gap: None,
+            pending_positioned: false,
             last_error: None,
             sync_backoff: Backoff::default(),
             sync_failing: false,
@@ -426,6 +427,9 @@ struct Coordinator<S, K> {
     finished: HashSet<ShardId>,
     /// A gap to report once every reader of a fresh position holds its iterator.
     pending_gap: Option<GapReason>,
+    /// A fresh LATEST start without a gap: [`ChangeSink::positioned`] is due once every reader
+    /// holds its iterator.
+    pending_positioned: bool,
     last_error: Option<String>,
     sync_backoff: Backoff,
     sync_failing: bool,
@@ -463,13 +467,21 @@ impl<S: StreamSource, K: ChangeSink> Coordinator<S, K> {
         self.publish();
     }
 
-    /// Reports the pending gap once every reader is positioned. False when shutting down.
+    /// Reports the pending gap, or the pending first positioning, once every reader is
+    /// positioned. False when shutting down.
     async fn emit_pending_gap(&mut self) -> bool {
-        if self.pending_gap.is_none() || !self.all_positioned() {
+        if !self.all_positioned() {
             return true;
         }
-        let Some(reason) = self.pending_gap.take() else { return true };
-        report_gap(self.sink.as_ref(), &self.metrics, &self.shutdown, reason).await
+        if let Some(reason) = self.pending_gap.take() {
+            self.pending_positioned = false; // the gap drops everything already
+            return report_gap(self.sink.as_ref(), &self.metrics, &self.shutdown, reason).await;
+        }
+        if std::mem::take(&mut self.pending_positioned) {
+            tracing::debug!(stream = ?self.current_arn, "positioned on every shard at LATEST");
+            return unless_cancelled(&self.shutdown, self.sink.positioned()).await.is_some();
+        }
+        true
     }
 
     fn all_positioned(&self) -> bool {
@@ -486,6 +498,7 @@ impl<S: StreamSource, K: ChangeSink> Coordinator<S, K> {
         let positioned = self.current_arn.is_some()
             && self.state == TailerState::Streaming
             && self.pending_gap.is_none()
+            && !self.pending_positioned
             && self.all_positioned();
         self.metrics
             .stream_shards
@@ -657,6 +670,9 @@ impl<S: StreamSource, K: ChangeSink> Coordinator<S, K> {
                 self.start_readable_children();
             }
             FreshStart::Latest => {
+                // Anything loaded from the table until these readers hold LATEST may miss a
+                // write made meanwhile, which no record will bring.
+                self.pending_positioned = self.pending_gap.is_none();
                 self.finished = self.tree.values().filter(|s| !s.is_open()).map(|s| s.id.clone()).collect();
                 let mut open: Vec<ShardId> = self.tree.values().filter(|s| s.is_open()).map(|s| s.id.clone()).collect();
                 open.sort();
@@ -766,6 +782,7 @@ impl<S: StreamSource, K: ChangeSink> Coordinator<S, K> {
         self.tree.clear();
         self.finished.clear();
         self.pending_gap = None;
+        self.pending_positioned = false;
         self.previous_arn = self.current_arn.take().or(self.previous_arn.take());
     }
 

@@ -418,9 +418,10 @@ pub enum SinkEvent {
     Apply(Vec<cruddur_syncd::stream::ChangeRecord>),
     Gap(cruddur_syncd::stream::GapReason),
     Progress(cruddur_syncd::stream::Progress),
+    Positioned,
 }
 
-/// The test consumer of the stream tailer: records every page and gap.
+/// The test consumer of the stream tailer: records every call.
 #[derive(Debug, Default)]
 pub struct RecordingSink {
     events: std::sync::Mutex<Vec<SinkEvent>>,
@@ -437,7 +438,7 @@ impl RecordingSink {
             .into_iter()
             .flat_map(|e| match e {
                 SinkEvent::Apply(records) => records,
-                SinkEvent::Gap(_) | SinkEvent::Progress(_) => Vec::new(),
+                SinkEvent::Gap(_) | SinkEvent::Progress(_) | SinkEvent::Positioned => Vec::new(),
             })
             .collect()
     }
@@ -447,7 +448,7 @@ impl RecordingSink {
             .into_iter()
             .filter_map(|e| match e {
                 SinkEvent::Gap(g) => Some(g),
-                SinkEvent::Apply(_) | SinkEvent::Progress(_) => None,
+                SinkEvent::Apply(_) | SinkEvent::Progress(_) | SinkEvent::Positioned => None,
             })
             .collect()
     }
@@ -464,5 +465,9 @@ impl cruddur_syncd::stream::ChangeSink for RecordingSink {
 
     async fn progress(&self, progress: cruddur_syncd::stream::Progress) {
         self.events.lock().unwrap().push(SinkEvent::Progress(progress));
+    }
+
+    async fn positioned(&self) {
+        self.events.lock().unwrap().push(SinkEvent::Positioned);
     }
 }
