@@ -28,9 +28,9 @@ struct CountingSink {
 }
 
 impl ChangeSink for CountingSink {
-    async fn apply(&self, records: Vec<ChangeRecord>) {
-        self.records.fetch_add(records.len(), Ordering::Relaxed);
-        drop(black_box(records));
+    async fn apply(&self, record: ChangeRecord) {
+        self.records.fetch_add(1, Ordering::Relaxed);
+        drop(black_box(record));
     }
 
     async fn gap(&self, _reason: GapReason) {}
@@ -79,7 +79,9 @@ fn decode_and_deliver(
 ) {
     rt.block_on(async {
         let decoded = decode_page(shard, records, metrics);
-        sink.apply(decoded.changes).await;
+        for change in decoded.changes {
+            sink.apply(change).await;
+        }
     });
 }
 

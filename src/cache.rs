@@ -646,10 +646,8 @@ impl Cache {
 }
 
 impl ChangeSink for Cache {
-    async fn apply(&self, records: Vec<ChangeRecord>) {
-        for r in records {
-            Cache::apply(self, r.change).await;
-        }
+    async fn apply(&self, record: ChangeRecord) {
+        Cache::apply(self, record.change).await;
     }
 
     async fn gap(&self, reason: GapReason) {

@@ -168,9 +168,18 @@ async fn a_list_loaded_before_the_stream_is_positioned_is_not_kept() {
     let daemon = Daemon::spawn(&app.config_path, &[]).await;
     let api = ApiClient::new(&daemon.api);
     wait_until(READY, "the tailer asks for its iterator", || async { proxy.injected(GET_SHARD_ITERATOR) > 0 }).await;
-    assert_eq!(status(&daemon.http, &format!("{}/readyz", daemon.admin)).await, 503, "the premise: not positioned");
+    let ready: Value = daemon.http.get(format!("{}/readyz", daemon.admin)).send().await.unwrap().json().await.unwrap();
+    assert_eq!(ready["checks"]["stream"], "the stream tailer is not positioned on every open shard", "{ready}");
+    assert_eq!(ready["checks"]["postgres"], "ok", "the premise: only the stream is not ready: {ready}");
     let (code, list) = api_get(&api, "/api/message_groups", &a.access_token).await;
     assert_eq!((code, list[0]["message"].as_str()), (200, Some("old")), "loaded before the position: {list}");
+    let hits = || async {
+        let text = daemon.metrics().await;
+        support::daemon::metric(&text, "cruddur_syncd_cache_requests_total", "cache=\"groups\",result=\"hit\"")
+    };
+    let hits_before = hits().await;
+    assert_eq!(api_get(&api, "/api/message_groups", &a.access_token).await.0, 200);
+    assert!(hits().await > hits_before, "the premise: the list loaded before the position is cached");
 
     // The Lambda's move of alice's row, before the tailer holds LATEST.
     app.delete(format!("GRP#{}", a.uuid), &old[0].sk).await;
@@ -182,6 +191,7 @@ async fn a_list_loaded_before_the_stream_is_positioned_is_not_kept() {
     let (code, list) = api_get(&api, "/api/message_groups", &a.access_token).await;
     assert_eq!((code, list[0]["message"].as_str()), (200, Some("new")), "served once ready: {list}");
     let text = daemon.metrics().await;
+    assert!(text.contains("cruddur_syncd_stream_resyncs_total"), "{text}");
     assert_eq!(support::daemon::metric(&text, "cruddur_syncd_stream_resyncs_total", ""), 0.0, "a start is no resync");
     let (code, log) = daemon.terminate().await;
     assert_eq!(code, Some(0), "{log}");

@@ -324,7 +324,7 @@ async fn trimmed_records_are_a_gap_and_reading_goes_on_from_trim_horizon() {
     let gap_at = events.iter().position(|e| matches!(e, SinkEvent::Gap(_))).unwrap();
     let later_at = events
         .iter()
-        .position(|e| matches!(e, SinkEvent::Apply(r) if r.iter().any(|c| matches!(&c.change, Change::Upsert(Item::Message(m)) if m.message == later[0]))))
+        .position(|e| matches!(e, SinkEvent::Apply(c) if matches!(&c.change, Change::Upsert(Item::Message(m)) if m.message == later[0])))
         .unwrap();
     assert!(gap_at < later_at, "{events:?}");
     assert_eq!(h.source.positions_for("s-0").last(), Some(&Position::TrimHorizon));
@@ -365,6 +365,7 @@ async fn a_latest_start_reports_positioned_once_every_shard_holds_its_iterator()
     source.set_latency(Duration::from_secs(2));
     source.fail_next(Op::GetShardIterator, SourceError::Throttled("LimitExceededException".into()));
     let h = start(source);
+    h.sink.set_positioned_latency(Duration::from_secs(10));
     wait_until(DEADLINE, "one shard holds its iterator, the other failed", || {
         let n = h.source.positions_for("s-0").len() + h.source.positions_for("s-1").len();
         async move { n >= 2 }
@@ -372,8 +373,14 @@ async fn a_latest_start_reports_positioned_once_every_shard_holds_its_iterator()
     .await;
     assert!(!h.status.borrow().positioned);
     assert_eq!(positionings(&h), 0, "not before every shard holds LATEST");
+    wait_until(DEADLINE, "the sink hears of the position", || {
+        let n = positionings(&h);
+        async move { n == 1 }
+    })
+    .await;
+    assert!(!h.status.borrow().positioned, "not ready before the sink has dropped what it loaded");
     h.positioned().await;
-    assert_eq!(h.sink.events().first(), Some(&SinkEvent::Positioned), "reported before readiness");
+    assert_eq!(h.sink.events().first(), Some(&SinkEvent::Positioned), "before any record");
     let later = push_many(&h.source, "s-1", 0, 2);
     h.delivered(&later).await;
     assert_eq!(positionings(&h), 1);
@@ -685,6 +692,61 @@ async fn slow_calls_and_a_paged_tree_stay_within_the_published_turn_limit() {
     }
     assert!(oldest > bounds.call, "the loops were slow ({oldest:?} at most), or the test proves nothing");
     assert!(!sink.changes().is_empty(), "records were delivered meanwhile");
+    shutdown.cancel();
+    task.await.unwrap();
+}
+
+/// A page whose every record waits nearly a whole delivery bound (a change queued behind slow
+/// loads of its key, one key after another): each record applied counts as progress, so a page
+/// that takes several turn limits in all is not called stuck. (A whole page used to count as one
+/// delivery.)
+#[tokio::test(start_paused = true)]
+async fn a_page_of_slow_deliveries_stays_within_the_published_turn_limit() {
+    let source = Arc::new(ScriptedSource::new("arn:stream/1", &["s-0"]));
+    let bounds = TurnBounds { call: Duration::from_secs(33), delivery: Duration::from_secs(5) };
+    let sink = Arc::new(RecordingSink::default());
+    let tailer =
+        Tailer::new(Arc::clone(&source), "cruddur-messages", StreamConfig::default(), Arc::new(Metrics::new()))
+            .with_bounds(bounds);
+    let status = tailer.status();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(tailer.run(Arc::clone(&sink), shutdown.clone()));
+    wait_until(DEADLINE, "the tailer is positioned", || {
+        let ok = status.borrow().positioned;
+        async move { ok }
+    })
+    .await;
+
+    sink.set_apply_latency(bounds.delivery - Duration::from_secs(1));
+    let sent = push_many(&source, "s-0", 0, 40);
+    let since = tokio::time::Instant::now();
+    while sink.changes().len() < sent.len() {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let s = status.borrow().clone();
+        assert!(
+            s.stuck_for(Duration::ZERO).is_none(),
+            "progress {:?} old against a turn limit of {:?}, {} of {} records applied",
+            s.last_progress.elapsed(),
+            s.turn_limit,
+            sink.changes().len(),
+            sent.len()
+        );
+    }
+    let took = since.elapsed();
+    let limit = status.borrow().turn_limit;
+    assert!(
+        took > limit,
+        "the page took {took:?}, not longer than one turn limit ({limit:?}): the test proves nothing"
+    );
+    let texts: Vec<String> = sink
+        .changes()
+        .into_iter()
+        .filter_map(|c| match c.change {
+            Change::Upsert(Item::Message(m)) => Some(m.message),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(texts, sent, "in order, each once");
     shutdown.cancel();
     task.await.unwrap();
 }

@@ -224,17 +224,15 @@ fn jitter(max: Duration) -> Duration {
 }
 
 impl ChangeSink for ProjectorSink {
-    async fn apply(&self, records: Vec<ChangeRecord>) {
-        for record in &records {
-            let outcome = self.project(record).await;
-            self.metrics.projector_records.inc();
-            if let Some(reason) = outcome.skip_reason() {
-                self.metrics.projector_records_skipped.get_or_create(&ReasonLabels { reason }).inc();
-            }
-            if let Some(at) = record.approximate_creation {
-                let age = Utc::now().signed_duration_since(at).num_milliseconds() as f64 / 1000.0;
-                self.metrics.projector_lag_seconds.set(age.max(0.0));
-            }
+    async fn apply(&self, record: ChangeRecord) {
+        let outcome = self.project(&record).await;
+        self.metrics.projector_records.inc();
+        if let Some(reason) = outcome.skip_reason() {
+            self.metrics.projector_records_skipped.get_or_create(&ReasonLabels { reason }).inc();
+        }
+        if let Some(at) = record.approximate_creation {
+            let age = Utc::now().signed_duration_since(at).num_milliseconds() as f64 / 1000.0;
+            self.metrics.projector_lag_seconds.set(age.max(0.0));
         }
     }
 

@@ -45,19 +45,22 @@ pub struct ChangeRecord {
 
 /// The consumer of the tailer's output. Implemented by the cache; tests record.
 pub trait ChangeSink: Send + Sync + 'static {
-    /// Applies records of one shard, in stream order. The tailer calls it once per GetRecords
-    /// page and does not read that shard further until it returns.
-    fn apply(&self, records: Vec<ChangeRecord>) -> impl Future<Output = ()> + Send;
+    /// Applies one record. The tailer hands a shard's records over one at a time, in stream
+    /// order, and does not read that shard further until the page's last has returned. Each
+    /// return counts as the reader's progress (`TailerStatus::last_progress`), so one call must
+    /// be bounded: the turn limit allows [`tailer::TurnBounds::delivery`] for it.
+    fn apply(&self, record: ChangeRecord) -> impl Future<Output = ()> + Send;
 
     /// Records may have been lost (trimmed data, a shard gone before it was finished, a new
     /// stream): everything derived from the stream must be dropped.
     fn gap(&self, reason: GapReason) -> impl Future<Output = ()> + Send;
 
-    /// The tailer now holds a position on every shard of a stream it started reading at
-    /// LATEST with no gap to report (the daemon's start): every later write reaches
-    /// [`ChangeSink::apply`], an earlier one never does. Whatever was read from the table before
-    /// this moment may predate such a write and stay stale, so the cache drops it. Not a gap:
-    /// nothing the stream carried was lost, so it is not counted as a resync.
+    /// The tailer now holds a position on every open shard of a stream it started reading at
+    /// LATEST with no gap to report (a fresh start; a stream that appears or changes later is a
+    /// gap instead): every write from now on reaches [`ChangeSink::apply`], while a write made
+    /// before may not. Whatever was read from the table before this moment may predate such a
+    /// write and stay stale, so the cache drops it. Not a gap: nothing the stream carried was
+    /// lost, so it is not counted as a resync.
     fn positioned(&self) -> impl Future<Output = ()> + Send {
         std::future::ready(())
     }

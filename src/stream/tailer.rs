@@ -458,7 +458,7 @@ impl<S: StreamSource, K: ChangeSink> Coordinator<S, K> {
                 _ = notify.notified() => {}
                 _ = heartbeat.tick() => {}
             }
-            if !self.emit_pending_gap().await {
+            if !self.emit_pending().await {
                 break;
             }
         }
@@ -469,12 +469,11 @@ impl<S: StreamSource, K: ChangeSink> Coordinator<S, K> {
 
     /// Reports the pending gap, or the pending first positioning, once every reader is
     /// positioned. False when shutting down.
-    async fn emit_pending_gap(&mut self) -> bool {
+    async fn emit_pending(&mut self) -> bool {
         if !self.all_positioned() {
             return true;
         }
         if let Some(reason) = self.pending_gap.take() {
-            self.pending_positioned = false; // the gap drops everything already
             return report_gap(self.sink.as_ref(), &self.metrics, &self.shutdown, reason).await;
         }
         if std::mem::take(&mut self.pending_positioned) {
@@ -982,10 +981,14 @@ impl<S: StreamSource, K: ChangeSink> Reader<S, K> {
                 if let Some(newest) = decoded.newest_creation {
                     self.ages.update(&self.metrics, &self.shard, Some(age_seconds(newest)));
                 }
-                if !decoded.changes.is_empty()
-                    && unless_cancelled(&self.cancel, self.sink.apply(decoded.changes)).await.is_none()
-                {
-                    return ReaderExit::Cancelled;
+                // One record at a time, each counted as progress: a page that touches many keys
+                // whose loads are slow waits up to a delivery bound per key, which a whole page
+                // could not be held to.
+                for change in decoded.changes {
+                    if unless_cancelled(&self.cancel, self.sink.apply(change)).await.is_none() {
+                        return ReaderExit::Cancelled;
+                    }
+                    self.shared.last_iteration_ms.store(millis_since(self.epoch), Ordering::Relaxed);
                 }
                 if decoded.last_sequence_number.is_some() {
                     last_sequence = decoded.last_sequence_number;

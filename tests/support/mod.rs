@@ -415,7 +415,7 @@ pub fn bin() -> Command {
 /// What a [`RecordingSink`] saw, in the order the tailer delivered it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SinkEvent {
-    Apply(Vec<cruddur_syncd::stream::ChangeRecord>),
+    Apply(cruddur_syncd::stream::ChangeRecord),
     Gap(cruddur_syncd::stream::GapReason),
     Progress(cruddur_syncd::stream::Progress),
     Positioned,
@@ -425,9 +425,21 @@ pub enum SinkEvent {
 #[derive(Debug, Default)]
 pub struct RecordingSink {
     events: std::sync::Mutex<Vec<SinkEvent>>,
+    /// How long each `apply` takes (a change queued behind slow loads of its key).
+    apply_latency: std::sync::Mutex<Duration>,
+    /// How long `positioned` takes after it is recorded.
+    positioned_latency: std::sync::Mutex<Duration>,
 }
 
 impl RecordingSink {
+    pub fn set_apply_latency(&self, latency: Duration) {
+        *self.apply_latency.lock().unwrap() = latency;
+    }
+
+    pub fn set_positioned_latency(&self, latency: Duration) {
+        *self.positioned_latency.lock().unwrap() = latency;
+    }
+
     pub fn events(&self) -> Vec<SinkEvent> {
         self.events.lock().unwrap().clone()
     }
@@ -436,9 +448,9 @@ impl RecordingSink {
     pub fn changes(&self) -> Vec<cruddur_syncd::stream::ChangeRecord> {
         self.events()
             .into_iter()
-            .flat_map(|e| match e {
-                SinkEvent::Apply(records) => records,
-                SinkEvent::Gap(_) | SinkEvent::Progress(_) | SinkEvent::Positioned => Vec::new(),
+            .filter_map(|e| match e {
+                SinkEvent::Apply(record) => Some(record),
+                SinkEvent::Gap(_) | SinkEvent::Progress(_) | SinkEvent::Positioned => None,
             })
             .collect()
     }
@@ -455,8 +467,12 @@ impl RecordingSink {
 }
 
 impl cruddur_syncd::stream::ChangeSink for RecordingSink {
-    async fn apply(&self, records: Vec<cruddur_syncd::stream::ChangeRecord>) {
-        self.events.lock().unwrap().push(SinkEvent::Apply(records));
+    async fn apply(&self, record: cruddur_syncd::stream::ChangeRecord) {
+        let latency = *self.apply_latency.lock().unwrap();
+        if !latency.is_zero() {
+            tokio::time::sleep(latency).await;
+        }
+        self.events.lock().unwrap().push(SinkEvent::Apply(record));
     }
 
     async fn gap(&self, reason: cruddur_syncd::stream::GapReason) {
@@ -469,5 +485,7 @@ impl cruddur_syncd::stream::ChangeSink for RecordingSink {
 
     async fn positioned(&self) {
         self.events.lock().unwrap().push(SinkEvent::Positioned);
+        let latency = *self.positioned_latency.lock().unwrap();
+        tokio::time::sleep(latency).await;
     }
 }
