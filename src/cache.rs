@@ -19,10 +19,13 @@
 //! DynamoDB, because the record exists only after the write is durable and loads read
 //! consistently.
 //!
-//! A gap (records possibly lost) bumps an epoch and flushes everything; a load that started
-//! under an older epoch serves its caller but does not insert, since changes it missed may be
-//! among the lost ones. The tailer's first positioning at start does the same: a write made
-//! before it holds LATEST is in no record it will read, so a load from before then may be stale.
+//! A gap (records possibly lost) bumps an epoch and flushes everything. Every entry carries the
+//! epoch its load started under, and one of an older epoch is a miss wherever it is read: a load
+//! that a flush overtook serves its caller but is not served again, since changes it missed may
+//! be among the lost ones. (The stamp, not the flush, is what guarantees this: moka's
+//! `invalidate_all` spares an entry written just after it, which such a load's may be.) The
+//! tailer's first positioning at start does the same: a write made before it holds LATEST is in
+//! no record it will read, so a load from before then may be stale.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -318,9 +321,22 @@ impl Users {
     }
 }
 
+/// A cached value and the epoch its load started under (the rule in the module docs).
+#[derive(Debug)]
+struct Stamped<V> {
+    epoch: u64,
+    value: Arc<V>,
+}
+
+impl<V> Clone for Stamped<V> {
+    fn clone(&self) -> Self {
+        Stamped { epoch: self.epoch, value: Arc::clone(&self.value) }
+    }
+}
+
 pub struct Cache {
-    groups: Moka<UserUuid, Arc<GroupRows>>,
-    messages: Moka<MessageGroupId, Arc<MessageWindow>>,
+    groups: Moka<UserUuid, Stamped<GroupRows>>,
+    messages: Moka<MessageGroupId, Stamped<MessageWindow>>,
     users: Moka<CognitoSub, Option<UserUuid>>,
     store: Store,
     users_source: Users,
@@ -345,12 +361,12 @@ impl Cache {
         let ttl = LiveTtl::new(cfg.ttl);
         let groups = Moka::builder()
             .max_capacity(total * 2 / 5)
-            .weigher(|_: &UserUuid, v: &Arc<GroupRows>| v.weight())
+            .weigher(|_: &UserUuid, v: &Stamped<GroupRows>| v.value.weight())
             .expire_after(ttl.clone())
             .build();
         let messages = Moka::builder()
             .max_capacity(total / 2)
-            .weigher(|_: &MessageGroupId, v: &Arc<MessageWindow>| v.weight())
+            .weigher(|_: &MessageGroupId, v: &Stamped<MessageWindow>| v.value.weight())
             .expire_after(ttl.clone())
             .build();
         let users = Moka::builder()
@@ -431,7 +447,7 @@ impl Cache {
     /// misses wait for one load, and stream changes for the key wait until it is in place.
     async fn get_or_load<K, V, F, Fut>(
         &self,
-        cache: &Moka<K, Arc<V>>,
+        cache: &Moka<K, Stamped<V>>,
         name: CacheName,
         key: K,
         load: F,
@@ -442,9 +458,9 @@ impl Cache {
         F: FnOnce() -> Fut,
         Fut: std::future::Future<Output = crate::error::Result<V>>,
     {
-        if let Some(hit) = cache.get(&key).await {
+        if let Some(hit) = cache.get(&key).await.filter(|e| self.is_current(e)) {
             self.count(name, CacheResult::hit);
-            return Ok(hit);
+            return Ok(hit.value);
         }
         self.count(name, CacheResult::miss);
         // Boxed: the load's state (a DynamoDB call) is kilobytes, and an inline future that size
@@ -452,32 +468,35 @@ impl Cache {
         Box::pin(self.load_into(cache, key, load)).await
     }
 
-    async fn load_into<K, V, F, Fut>(&self, cache: &Moka<K, Arc<V>>, key: K, load: F) -> Result<Arc<V>, CacheError>
+    fn is_current<V>(&self, entry: &Stamped<V>) -> bool {
+        entry.epoch == self.epoch.load(Ordering::Acquire)
+    }
+
+    async fn load_into<K, V, F, Fut>(&self, cache: &Moka<K, Stamped<V>>, key: K, load: F) -> Result<Arc<V>, CacheError>
     where
         K: std::hash::Hash + Eq + Clone + std::fmt::Display + Send + Sync + 'static,
         V: Send + Sync + 'static,
         F: FnOnce() -> Fut,
         Fut: std::future::Future<Output = crate::error::Result<V>>,
     {
-        let epoch = self.epoch.load(Ordering::Acquire);
         let mut loaded: Option<Result<Arc<V>, CacheError>> = None;
         let result = cache
             .entry(key.clone())
             .and_compute_with(|existing| {
                 let loaded = &mut loaded;
                 async move {
-                    if existing.is_some() {
+                    // Read under the key's lock, just before the query starts: requests queued
+                    // behind a load that a flush overtook then share one reload, instead of
+                    // each making its own and keeping none.
+                    let epoch = self.epoch.load(Ordering::Acquire);
+                    if existing.is_some_and(|e| e.value().epoch == epoch) {
                         return Op::Nop; // another request loaded it while we waited
                     }
                     match bounded(self.load_timeout, load()).await {
                         Ok(v) => {
                             let value = Arc::new(v);
                             *loaded = Some(Ok(value.clone()));
-                            if self.epoch.load(Ordering::Acquire) == epoch {
-                                Op::Put(value)
-                            } else {
-                                Op::Nop
-                            }
+                            Op::Put(Stamped { epoch, value })
                         }
                         Err(e) => {
                             *loaded = Some(Err(CacheError::Unavailable(e.to_string())));
@@ -489,7 +508,7 @@ impl Cache {
             .await;
         match (loaded, result.into_entry()) {
             (Some(value), _) => value,
-            (None, Some(entry)) => Ok(entry.into_value()),
+            (None, Some(entry)) => Ok(entry.into_value().value),
             // Nop on an absent entry without a load: cannot happen, but never panic for it.
             (None, None) => Err(CacheError::Unavailable(format!("{key} could not be loaded"))),
         }
@@ -502,10 +521,10 @@ impl Cache {
         self.groups
             .entry(user)
             .and_compute_with(|existing| async move {
-                if existing.is_some() || self.epoch.load(Ordering::Acquire) != epoch {
+                if existing.is_some_and(|e| self.is_current(e.value())) {
                     Op::Nop
                 } else {
-                    Op::Put(Arc::new(GroupRows::new(rows)))
+                    Op::Put(Stamped { epoch, value: Arc::new(GroupRows::new(rows)) })
                 }
             })
             .await;
@@ -555,7 +574,7 @@ impl Cache {
         match change {
             Change::Upsert(Item::Group(g)) => {
                 let owner = g.owner;
-                self.update_groups(owner, move |rows| {
+                self.update(&self.groups, owner, move |rows| {
                     rows.with(|r| {
                         r.insert(g.sk.as_str().to_string(), g);
                     })
@@ -564,10 +583,10 @@ impl Cache {
             }
             Change::Upsert(Item::Message(m)) => {
                 let (group, size) = (m.group, self.window);
-                self.update_window(group, move |w| w.upsert(m, size)).await
+                self.update(&self.messages, group, move |w| w.upsert(m, size)).await
             }
             Change::Remove(ItemKey { pk: Pk::Groups(owner), sk }) => {
-                self.update_groups(owner, move |rows| {
+                self.update(&self.groups, owner, move |rows| {
                     rows.with(|r| {
                         r.remove(sk.as_str());
                     })
@@ -575,7 +594,7 @@ impl Cache {
                 .await
             }
             Change::Remove(ItemKey { pk: Pk::Messages(group), sk }) => {
-                self.update_window(group, move |w| w.remove(&sk)).await
+                self.update(&self.messages, group, move |w| w.remove(&sk)).await
             }
             Change::Invalidate(ItemKey { pk: Pk::Groups(owner), .. }) => {
                 // Through the compute lock, so an in-flight load finishes before the removal.
@@ -587,25 +606,22 @@ impl Cache {
         }
     }
 
-    async fn update_groups(&self, owner: UserUuid, f: impl FnOnce(&GroupRows) -> GroupRows) {
-        self.groups
-            .entry(owner)
+    /// Changes a cached entry in place; an absent one stays absent (the next load reads the
+    /// change from DynamoDB), and a stale one stays stale: the change keeps the entry's stamp.
+    async fn update<K, V>(&self, cache: &Moka<K, Stamped<V>>, key: K, f: impl FnOnce(&V) -> V)
+    where
+        K: std::hash::Hash + Eq + Clone + Send + Sync + 'static,
+        V: Send + Sync + 'static,
+    {
+        cache
+            .entry(key)
             .and_compute_with(|existing| async move {
                 match existing {
-                    Some(e) => Op::Put(Arc::new(f(e.value()))),
-                    None => Op::Nop,
-                }
-            })
-            .await;
-    }
-
-    async fn update_window(&self, group: MessageGroupId, f: impl FnOnce(&MessageWindow) -> MessageWindow) {
-        self.messages
-            .entry(group)
-            .and_compute_with(|existing| async move {
-                match existing {
-                    Some(e) => Op::Put(Arc::new(f(e.value()))),
-                    None => Op::Nop,
+                    Some(e) if self.is_current(e.value()) => {
+                        let e = e.into_value();
+                        Op::Put(Stamped { epoch: e.epoch, value: Arc::new(f(&e.value)) })
+                    }
+                    _ => Op::Nop,
                 }
             })
             .await;

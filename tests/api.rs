@@ -320,6 +320,53 @@ async fn a_write_during_a_slow_load_wins() {
     app.stop().await;
 }
 
+/// Requests queued behind a load that a flush overtook share one reload: the first of them
+/// loads under the new epoch and the rest are served what it loaded. (Each used to make its own
+/// load and keep none, so a burst on a hot key after a gap was a chain of slow Queries.)
+#[tokio::test]
+async fn misses_queued_behind_a_load_a_flush_overtook_share_one_reload() {
+    const QUERY: &str = "DynamoDB_20120810.Query";
+    let proxy = FaultProxy::start(&support::moto_url()).await;
+    let app = App::start_with(Setup { dynamodb_endpoint: Some(proxy.url.clone()), ..Setup::default() }).await;
+    let a = app.user("alice", None, true).await;
+    let b = app.user("bob", None, true).await;
+    let group = MessageGroupId(Uuid::new_v4());
+    for row in group_rows(group, 10, &a, &b, "hello") {
+        app.put_group(&row).await;
+    }
+    proxy.set_delay(Duration::from_millis(1500));
+    let before = proxy.forwarded(QUERY);
+    let read = || {
+        let (http, url, token) = (app.http.clone(), format!("{}/api/message_groups", app.api), a.access_token.clone());
+        tokio::spawn(async move {
+            let res = http.get(url).bearer_auth(token).send().await.unwrap();
+            (res.status(), res.json::<Vec<Value>>().await.unwrap_or_default())
+        })
+    };
+    let mut readers = vec![read()];
+    // Its Query has been answered and is held by the proxy: the load is under way.
+    support::wait_until(DEADLINE, "the first load queries", || async { proxy.forwarded(QUERY) > before }).await;
+    for _ in 0..3 {
+        readers.push(read());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The others wait for that load; now a gap.
+    let cache = &app.running.as_ref().unwrap().cache;
+    cache.flush(&cruddur_syncd::stream::GapReason::StreamDisabled);
+    for r in readers {
+        let (status, list) = r.await.unwrap();
+        assert_eq!(status, 200);
+        assert_eq!(list.len(), 1, "{list:?}");
+        assert_eq!(list[0]["message"], "hello");
+    }
+    let queries = proxy.forwarded(QUERY) - before;
+    assert_eq!(queries, 2, "the overtaken load and one reload under the new epoch");
+    proxy.set_delay(Duration::ZERO);
+    assert_eq!(app.get("/api/message_groups", &a.access_token).await.status(), 200);
+    assert_eq!(proxy.forwarded(QUERY) - before, 2, "the reload is kept: the next read is a hit");
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn oversized_headers_and_slowloris_are_refused() {
     let app =
