@@ -514,8 +514,10 @@ impl Cache {
         }
     }
 
-    /// Puts a user's rows as a load would (same per-key path, same epoch rule), for warm-up
-    /// and for the memory benchmark; a row list already cached is left alone.
+    /// Puts a user's rows through a load's per-key path, for the memory benchmark; a row list
+    /// already cached is left alone. Stamped with the epoch at the call, not at the caller's
+    /// read, so rows read before a flush would pass as current: fine for a benchmark without
+    /// a stream, not for serving.
     pub async fn prime_groups(&self, user: UserUuid, rows: Vec<MessageGroup>) {
         let epoch = self.epoch.load(Ordering::Acquire);
         self.groups
@@ -671,8 +673,8 @@ impl ChangeSink for Cache {
     }
 
     /// The API serves before the tailer holds LATEST (readiness says so), so loads made until
-    /// now may predate a write no record will bring: they go, and loads still running under the
-    /// old epoch serve their caller without inserting.
+    /// now may predate a write no record will bring: they go, and loads still running carry the
+    /// old epoch, so what they put is never served.
     async fn positioned(&self) {
         self.forget_stream_derived();
         tracing::debug!("positioned on the stream: dropped what was loaded before");

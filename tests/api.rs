@@ -327,14 +327,22 @@ async fn a_write_during_a_slow_load_wins() {
 async fn misses_queued_behind_a_load_a_flush_overtook_share_one_reload() {
     const QUERY: &str = "DynamoDB_20120810.Query";
     let proxy = FaultProxy::start(&support::moto_url()).await;
-    let app = App::start_with(Setup { dynamodb_endpoint: Some(proxy.url.clone()), ..Setup::default() }).await;
+    // Each load takes 3 s, and the second waits for the first: requests get 20 s.
+    let app = App::start_with(Setup {
+        dynamodb_endpoint: Some(proxy.url.clone()),
+        extra_config: "[http]\nrequest_timeout = \"20s\"\n".into(),
+        ..Setup::default()
+    })
+    .await;
     let a = app.user("alice", None, true).await;
     let b = app.user("bob", None, true).await;
     let group = MessageGroupId(Uuid::new_v4());
     for row in group_rows(group, 10, &a, &b, "hello") {
         app.put_group(&row).await;
     }
-    proxy.set_delay(Duration::from_millis(1500));
+    let misses = || app.metric("cruddur_syncd_cache_requests_total", &["cache=\"groups\"", "result=\"miss\""]);
+    let misses_before = misses().await;
+    proxy.set_delay(Duration::from_secs(3));
     let before = proxy.forwarded(QUERY);
     let read = || {
         let (http, url, token) = (app.http.clone(), format!("{}/api/message_groups", app.api), a.access_token.clone());
@@ -350,7 +358,10 @@ async fn misses_queued_behind_a_load_a_flush_overtook_share_one_reload() {
         readers.push(read());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // The others wait for that load; now a gap.
+    support::wait_until(DEADLINE, "all four missed", || async { misses().await - misses_before == 4.0 }).await;
+    // The premise: the others wait for that load, which is still held, before the gap.
+    assert_eq!(proxy.forwarded(QUERY) - before, 1);
+    assert!(!readers[0].is_finished(), "the first load ended before the gap: the test proves nothing");
     let cache = &app.running.as_ref().unwrap().cache;
     cache.flush(&cruddur_syncd::stream::GapReason::StreamDisabled);
     for r in readers {

@@ -47,8 +47,10 @@ pub struct ChangeRecord {
 pub trait ChangeSink: Send + Sync + 'static {
     /// Applies one record. The tailer hands a shard's records over one at a time, in stream
     /// order, and does not read that shard further until the page's last has returned. Each
-    /// return counts as the reader's progress (`TailerStatus::last_progress`), so one call must
-    /// be bounded: the turn limit allows [`tailer::TurnBounds::delivery`] for it.
+    /// return counts as the reader's progress (`TailerStatus::last_progress`): a sink whose
+    /// tailer's status is watched (the cache's, by `/livez` and the watchdog) must return within
+    /// [`tailer::TurnBounds::delivery`]. The projector's retries take longer; nothing watches its
+    /// tailer.
     fn apply(&self, record: ChangeRecord) -> impl Future<Output = ()> + Send;
 
     /// Records may have been lost (trimmed data, a shard gone before it was finished, a new

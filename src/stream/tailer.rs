@@ -157,8 +157,8 @@ pub struct Tailer<S> {
 pub struct TurnBounds {
     /// The longest one source call can take, retries included (`aws::call_bound`).
     pub call: Duration,
-    /// The longest handing a page to the sink can take (the cache may wait for loads of the
-    /// same key queued before the change, each of which gives up with its request).
+    /// The longest handing one record to the sink can take (the cache may wait for loads of
+    /// the same key queued before the change, each of which gives up with its request).
     pub delivery: Duration,
 }
 
