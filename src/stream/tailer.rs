@@ -4,8 +4,9 @@
 //! The coordinator re-reads the tree every `shard_sync_interval` (and sooner when a shard
 //! finishes without known children), starts readers, notices a replaced or disabled stream, and
 //! publishes [`TailerStatus`]. A reader owns its position: it paces its GetRecords calls, backs
-//! off on throttling, recovers from expired iterators and trimmed data, and hands every page to
-//! the sink before reading the next, which is what keeps records in order per shard.
+//! off on throttling, recovers from expired iterators and trimmed data, and hands a page's
+//! records to the sink one by one before reading the next, which is what keeps records in order
+//! per shard.
 //!
 //! Ordering rule for gaps: whenever the tailer repositions after a possible loss, it first holds
 //! a position on every affected shard and only then calls [`ChangeSink::gap`]. A flush done
