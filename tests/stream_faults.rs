@@ -45,10 +45,21 @@ fn start_with(source: ScriptedSource, cfg: StreamConfig) -> Harness {
 }
 
 fn start_planned(source: ScriptedSource, cfg: StreamConfig, plan: StartPlan) -> Harness {
+    launch(source, cfg, plan, TurnBounds::default())
+}
+
+/// A tailer whose turn limit is computed from `bounds`.
+fn start_bounded(source: ScriptedSource, bounds: TurnBounds) -> Harness {
+    launch(source, StreamConfig::default(), StartPlan::default(), bounds)
+}
+
+fn launch(source: ScriptedSource, cfg: StreamConfig, plan: StartPlan, bounds: TurnBounds) -> Harness {
     let source = Arc::new(source);
     let sink = Arc::new(RecordingSink::default());
     let metrics = Arc::new(Metrics::new());
-    let tailer = Tailer::new(Arc::clone(&source), "cruddur-messages", cfg, Arc::clone(&metrics)).with_start(plan);
+    let tailer = Tailer::new(Arc::clone(&source), "cruddur-messages", cfg, Arc::clone(&metrics))
+        .with_start(plan)
+        .with_bounds(bounds);
     let status = tailer.status();
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(tailer.run(Arc::clone(&sink), shutdown.clone()));
@@ -657,28 +668,19 @@ async fn saved_positions_of_another_stream_do_not_apply() {
 /// stuck. (The coordinator used to publish only between syncs: five slow calls in a row.)
 #[tokio::test(start_paused = true)]
 async fn slow_calls_and_a_paged_tree_stay_within_the_published_turn_limit() {
-    let source = Arc::new(ScriptedSource::new("arn:stream/1", &["s-0", "s-1", "s-2", "s-3"]));
+    let source = ScriptedSource::new("arn:stream/1", &["s-0", "s-1", "s-2", "s-3"]);
     source.set_describe_page_size(1);
     let bounds = TurnBounds { call: Duration::from_secs(33), delivery: Duration::from_secs(5) };
-    let sink = Arc::new(RecordingSink::default());
-    let tailer =
-        Tailer::new(Arc::clone(&source), "cruddur-messages", StreamConfig::default(), Arc::new(Metrics::new()))
-            .with_bounds(bounds);
-    let status = tailer.status();
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(tailer.run(Arc::clone(&sink), shutdown.clone()));
-    wait_until(DEADLINE, "the tailer is positioned", || {
-        let ok = status.borrow().positioned;
-        async move { ok }
-    })
-    .await;
+    let h = start_bounded(source, bounds);
+    h.positioned().await;
+    let (source, sink, status) = (&h.source, &h.sink, &h.status);
 
     source.set_latency(bounds.call - Duration::from_secs(1));
     let slow_since = tokio::time::Instant::now();
     let mut oldest = Duration::ZERO;
     let mut sent = 0;
     while slow_since.elapsed() < Duration::from_secs(600) {
-        push_many(&source, &format!("s-{}", sent % 4), sent, 1);
+        push_many(source, &format!("s-{}", sent % 4), sent, 1);
         sent += 1;
         tokio::time::sleep(Duration::from_secs(1)).await;
         let s = status.borrow().clone();
@@ -692,8 +694,8 @@ async fn slow_calls_and_a_paged_tree_stay_within_the_published_turn_limit() {
     }
     assert!(oldest > bounds.call, "the loops were slow ({oldest:?} at most), or the test proves nothing");
     assert!(!sink.changes().is_empty(), "records were delivered meanwhile");
-    shutdown.cancel();
-    task.await.unwrap();
+    h.shutdown.cancel();
+    h.task.await.unwrap();
 }
 
 /// A page whose every record waits nearly a whole delivery bound (a change queued behind slow
@@ -702,23 +704,14 @@ async fn slow_calls_and_a_paged_tree_stay_within_the_published_turn_limit() {
 /// delivery.)
 #[tokio::test(start_paused = true)]
 async fn a_page_of_slow_deliveries_stays_within_the_published_turn_limit() {
-    let source = Arc::new(ScriptedSource::new("arn:stream/1", &["s-0"]));
+    let source = ScriptedSource::new("arn:stream/1", &["s-0"]);
     let bounds = TurnBounds { call: Duration::from_secs(33), delivery: Duration::from_secs(5) };
-    let sink = Arc::new(RecordingSink::default());
-    let tailer =
-        Tailer::new(Arc::clone(&source), "cruddur-messages", StreamConfig::default(), Arc::new(Metrics::new()))
-            .with_bounds(bounds);
-    let status = tailer.status();
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(tailer.run(Arc::clone(&sink), shutdown.clone()));
-    wait_until(DEADLINE, "the tailer is positioned", || {
-        let ok = status.borrow().positioned;
-        async move { ok }
-    })
-    .await;
+    let h = start_bounded(source, bounds);
+    h.positioned().await;
+    let (source, sink, status) = (&h.source, &h.sink, &h.status);
 
     sink.set_apply_latency(bounds.delivery - Duration::from_secs(1));
-    let sent = push_many(&source, "s-0", 0, 40);
+    let sent = push_many(source, "s-0", 0, 40);
     let since = tokio::time::Instant::now();
     while sink.changes().len() < sent.len() {
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -747,8 +740,8 @@ async fn a_page_of_slow_deliveries_stays_within_the_published_turn_limit() {
         })
         .collect();
     assert_eq!(texts, sent, "in order, each once");
-    shutdown.cancel();
-    task.await.unwrap();
+    h.shutdown.cancel();
+    h.task.await.unwrap();
 }
 
 /// A reload that shortens `stream.poll_interval` cuts an empty poll's wait that is already under
