@@ -25,13 +25,14 @@ fn cfg() -> AuthConfig {
         issuer: ISSUER.into(),
         jwks_url: "http://127.0.0.1:9/unused".into(),
         token_use: TokenUse::Access,
+        ..AuthConfig::default()
     }
 }
 
 fn fresh() -> Authenticator {
     static HTTP: OnceLock<reqwest::Client> = OnceLock::new();
     let http = HTTP.get_or_init(reqwest::Client::new).clone();
-    Authenticator::with_jwks(&cfg(), http, JWKS).expect("the fixture JWKS")
+    Authenticator::builder(&cfg(), http).jwks(JWKS).expect("the fixture JWKS").build()
 }
 
 /// A Cognito-shaped access token, valid for an hour.

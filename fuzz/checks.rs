@@ -231,10 +231,12 @@ fn jwt_harness() -> &'static JwtHarness {
             jwks_url: "http://127.0.0.1:9/jwks.json".into(),
             // Both kinds, so both the client_id and the aud paths are reached.
             token_use: TokenUse::Any,
+            ..AuthConfig::default()
         };
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-        let auth =
-            rt.block_on(async { Authenticator::with_jwks(&cfg, reqwest::Client::new(), TEST_JWKS) }).expect("jwks");
+        let auth = rt
+            .block_on(async { Authenticator::builder(&cfg, reqwest::Client::new()).jwks(TEST_JWKS).map(|b| b.build()) })
+            .expect("jwks");
         let key = jsonwebtoken::EncodingKey::from_rsa_pem(TEST_PEM).expect("test key");
         JwtHarness { rt, auth, key }
     })

@@ -119,11 +119,20 @@ pub struct CacheConfig {
     #[serde(with = "humantime_serde")]
     pub ttl: Duration,
     pub messages_per_group: u32,
+    /// How long a `sub -> users.uuid` mapping is kept: every instance of a fleet sees a mapping
+    /// changed elsewhere (another instance's reconcile, the CLI) within this.
+    #[serde(with = "humantime_serde")]
+    pub users_ttl: Duration,
 }
 
 impl Default for CacheConfig {
     fn default() -> Self {
-        Self { max_bytes: 256 * 1024 * 1024, ttl: Duration::from_secs(600), messages_per_group: 50 }
+        Self {
+            max_bytes: 256 * 1024 * 1024,
+            ttl: Duration::from_secs(600),
+            messages_per_group: 50,
+            users_ttl: Duration::from_secs(60),
+        }
     }
 }
 
@@ -178,7 +187,7 @@ pub enum TokenUse {
     Any,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
     pub user_pool_id: String,
@@ -188,6 +197,23 @@ pub struct AuthConfig {
     /// Filled with `{issuer}/.well-known/jwks.json` after loading when unset.
     pub jwks_url: String,
     pub token_use: TokenUse,
+    /// The JWKS is refetched this often (sooner when its `Cache-Control: max-age` says so), so
+    /// that a key the pool stopped publishing stops verifying.
+    #[serde(with = "humantime_serde")]
+    pub jwks_refresh_interval: Duration,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            user_pool_id: String::new(),
+            client_id: String::new(),
+            issuer: String::new(),
+            jwks_url: String::new(),
+            token_use: TokenUse::default(),
+            jwks_refresh_interval: Duration::from_secs(15 * 60),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -270,10 +296,12 @@ pub struct ProjectorConfig {
     #[serde(with = "humantime_serde")]
     pub lock_check_interval: Duration,
     pub initial_position: InitialPosition,
-    /// Attempts of a record that DynamoDB keeps refusing (an error answer) before it is skipped.
+    /// Refusals of a record by DynamoDB (an error answer that retrying cannot fix) before it is
+    /// skipped. Transient failures (unreachable, throttled, 5xx) never count: they are retried
+    /// until they stop.
     pub max_attempts: u32,
-    /// A record that keeps failing for any reason (DynamoDB unreachable, throttled) is skipped
-    /// after this long, so a shard is never blocked for good.
+    /// A record whose rows keep changing under the projector (another writer wins every time)
+    /// is skipped after this long, so a shard is never blocked for good.
     #[serde(with = "humantime_serde")]
     pub give_up_after: Duration,
 }
@@ -702,6 +730,9 @@ pub fn validate(c: &Config) -> Vec<Problem> {
     if c.cache.ttl.is_zero() {
         bad("cache.ttl", "must be greater than 0".into());
     }
+    if c.cache.users_ttl.is_zero() || c.cache.users_ttl > Duration::from_secs(24 * 3600) {
+        bad("cache.users_ttl", "must be between 1ms and 24h".into());
+    }
     if !(1..=1000).contains(&c.cache.messages_per_group) {
         bad("cache.messages_per_group", "must be between 1 and 1000".into());
     }
@@ -733,6 +764,11 @@ pub fn validate(c: &Config) -> Vec<Problem> {
     }
     if c.auth.client_id.is_empty() {
         bad("auth.client_id", "is required (the app client id of the user pool)".into());
+    }
+    if c.auth.jwks_refresh_interval < Duration::from_secs(1)
+        || c.auth.jwks_refresh_interval > Duration::from_secs(24 * 3600)
+    {
+        bad("auth.jwks_refresh_interval", "must be between 1s and 24h".into());
     }
     for (key, url) in [("auth.issuer", &c.auth.issuer), ("auth.jwks_url", &c.auth.jwks_url)] {
         if !url.is_empty() {

@@ -77,11 +77,12 @@ pub async fn start(loaded: &LoadedConfig) -> Result<Running> {
 
     let http_client =
         reqwest::Client::builder().build().map_err(|e| Error::Failed(format!("cannot build an HTTP client: {e}")))?;
-    let auth = Authenticator::new(&cfg.auth, http_client.clone());
+    let auth = Authenticator::builder(&cfg.auth, http_client.clone()).metrics(metrics.clone()).build();
     auth.refresh_jwks().await.map_err(|e| match e {
         crate::http::auth::AuthError::JwksUnavailable { detail } => Error::Unavailable(detail),
         other => Error::Failed(format!("cannot load the JWKS from auth.jwks_url {}: {other}", cfg.auth.jwks_url)),
     })?;
+    auth.spawn_refresh();
 
     let store = Store::new(clients.dynamodb.clone(), cfg.dynamodb.table.clone(), clients.endpoints.dynamodb.clone());
     // Misses give up before the request timeout so that a hung dependency is a 503, not a 408.
@@ -103,7 +104,7 @@ pub async fn start(loaded: &LoadedConfig) -> Result<Running> {
     let source = Arc::new(AwsSource::new(clients.dynamodb.clone(), clients.streams.clone()));
     // Live-reloadable settings travel in watch channels.
     let (poll_tx, poll_rx) = watch::channel(cfg.stream.poll_interval);
-    let (reconcile_tx, reconcile_rx) = watch::channel(cfg.reconcile.clone());
+    let (reconcile_tx, reconcile_rx) = watch::channel(reconcile::Settings::of(cfg));
     if cfg.projector.enabled {
         let projector = Projector {
             source: Arc::new(AwsSource::new(clients.dynamodb.clone(), clients.streams.clone())),

@@ -150,6 +150,7 @@ pub struct Metrics {
     pub reconcile_last_success_timestamp_seconds: FloatGauge,
     pub reconcile_users: Family<OutcomeLabels, Gauge>,
     pub config_reloads: Family<RunLabels, Counter>,
+    pub jwks_refreshes: Family<RunLabels, Counter>,
     pub projector_records: Counter,
     pub projector_rows_moved: Counter,
     pub projector_records_skipped: Family<ReasonLabels, Counter>,
@@ -157,6 +158,7 @@ pub struct Metrics {
     pub projector_conflicts: Counter,
     pub projector_lag_seconds: FloatGauge,
     pub projector_leader: Gauge,
+    pub projector_retrying: Gauge,
     pub build_info: Family<VersionLabels, Gauge>,
     hot: HotSeries,
 }
@@ -225,6 +227,7 @@ impl Metrics {
             reconcile_last_success_timestamp_seconds: FloatGauge::default(),
             reconcile_users: Family::default(),
             config_reloads: Family::default(),
+            jwks_refreshes: Family::default(),
             projector_records: Counter::default(),
             projector_rows_moved: Counter::default(),
             projector_records_skipped: Family::default(),
@@ -232,6 +235,7 @@ impl Metrics {
             projector_conflicts: Counter::default(),
             projector_lag_seconds: FloatGauge::default(),
             projector_leader: Gauge::default(),
+            projector_retrying: Gauge::default(),
             build_info: Family::default(),
             registry: Registry::default(),
             hot,
@@ -272,6 +276,11 @@ impl Metrics {
         registry.register("reconcile_users", "Users by outcome in the last reconciliation", m.reconcile_users.clone());
         registry.register("config_reloads", "Config reloads, by result", m.config_reloads.clone());
         registry.register(
+            "jwks_refreshes",
+            "JWKS fetches (scheduled, on an unknown kid, at start and reload), by result",
+            m.jwks_refreshes.clone(),
+        );
+        registry.register(
             "projector_records",
             "Stream records the projector handled (every event, its own writes included)",
             m.projector_records.clone(),
@@ -305,6 +314,11 @@ impl Metrics {
             "projector_leader",
             "1 while this instance holds the projector lock and runs the projector, else 0",
             m.projector_leader.clone(),
+        );
+        registry.register(
+            "projector_retrying",
+            "1 while the projector retries a record that failed for a transient reason (DynamoDB down, throttled, the index behind), else 0",
+            m.projector_retrying.clone(),
         );
         registry.register("build_info", "Build information", m.build_info.clone());
         m.build_info.get_or_create(&VersionLabels { version: env!("CARGO_PKG_VERSION") }).set(1);
@@ -341,6 +355,9 @@ impl Metrics {
         for result in [RunResult::success, RunResult::failure, RunResult::skipped] {
             let _ = m.reconcile_runs.get_or_create(&RunLabels { result });
             let _ = m.config_reloads.get_or_create(&RunLabels { result });
+        }
+        for result in [RunResult::success, RunResult::failure] {
+            let _ = m.jwks_refreshes.get_or_create(&RunLabels { result });
         }
         Metrics { registry, ..m }
     }

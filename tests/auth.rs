@@ -12,6 +12,7 @@ use aws_sdk_cognitoidentityprovider::types::{AuthFlowType, MessageActionType};
 use base64::Engine as _;
 use cruddur_syncd::config::{AuthConfig, TokenUse};
 use cruddur_syncd::http::auth::{AuthError, Authenticator};
+use cruddur_syncd::metrics::{Metrics, RunLabels, RunResult};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -90,6 +91,7 @@ impl Pool {
             issuer: self.issuer(),
             jwks_url: self.jwks_url(),
             token_use,
+            ..AuthConfig::default()
         }
     }
 
@@ -524,7 +526,7 @@ async fn a_rotated_key_is_picked_up_by_one_refetch_after_the_interval() {
     let mut cfg = p.cfg(TokenUse::Access);
     cfg.jwks_url = server.url.clone();
     let interval = Duration::from_millis(500);
-    let auth = Authenticator::with_refetch_interval(&cfg, http(), interval);
+    let auth = Authenticator::builder(&cfg, http()).refetch_interval(interval).build();
     assert_eq!(auth.refresh_jwks().await, Ok(1));
     assert_eq!(server.hits(), 1);
 
@@ -547,7 +549,7 @@ async fn no_jwks_at_all_is_unavailable_and_recovers() {
     let mut cfg = p.cfg(TokenUse::Access);
     cfg.jwks_url = server.url.clone();
     let interval = Duration::from_millis(300);
-    let auth = Authenticator::with_refetch_interval(&cfg, http(), interval);
+    let auth = Authenticator::builder(&cfg, http()).refetch_interval(interval).build();
 
     let err = auth.refresh_jwks().await.unwrap_err();
     assert!(err.is_unavailable(), "{err:?}");
@@ -592,4 +594,65 @@ async fn an_unreachable_jwks_url_is_unavailable() {
     assert!(auth.refresh_jwks().await.unwrap_err().is_unavailable());
     assert!(auth.verify(Some(&bearer(&p.access))).await.unwrap_err().is_unavailable());
     assert_eq!(auth.jwks_fetches(), 1, "the verify came within 30 s of the failed fetch");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The scheduled refresh: a key the pool stops publishing stops verifying
+
+fn refreshes(metrics: &Metrics, result: RunResult) -> u64 {
+    metrics.jwks_refreshes.get_or_create(&RunLabels { result }).get()
+}
+
+#[tokio::test]
+async fn a_key_dropped_from_the_jwks_stops_verifying_at_the_next_scheduled_refresh() {
+    let p = pool().await;
+    let moto = moto_jwks(&p).await;
+    // Keys {A (moto's), B (ours)}.
+    let server = JwksServer::start(200, both_keys(&moto)).await;
+    let mut cfg = p.cfg(TokenUse::Access);
+    cfg.jwks_url = server.url.clone();
+    cfg.jwks_refresh_interval = Duration::from_millis(500);
+    let metrics = Arc::new(Metrics::new());
+    let auth = Authenticator::builder(&cfg, http()).metrics(metrics.clone()).build();
+    assert_eq!(auth.refresh_jwks().await, Ok(2));
+    auth.spawn_refresh();
+    let signed_a = bearer(&p.access);
+    let signed_b = bearer(&sign_with(OTHER_PEM, Some(OTHER_KID), &p.claims(&p.access)));
+    assert!(auth.verify(Some(&signed_a)).await.is_ok());
+    assert!(auth.verify(Some(&signed_b)).await.is_ok());
+    assert_eq!(auth.verifications(), 2);
+    assert!(auth.verify(Some(&signed_a)).await.is_ok());
+    assert_eq!(auth.verifications(), 2, "both are cached now");
+
+    // The pool rotates A out: the served set becomes {B}.
+    let fetches = server.hits();
+    server.serve(200, OTHER_JWKS.to_string());
+    support::wait_until(Duration::from_secs(10), "the A token is refused", || async {
+        auth.verify(Some(&signed_a)).await == Err(AuthError::UnknownKid)
+    })
+    .await;
+    assert!(server.hits() > fetches, "the scheduled refresh fetched the new set");
+    let before = auth.verifications();
+    assert!(auth.verify(Some(&signed_b)).await.is_ok(), "B is still published");
+    assert_eq!(auth.verifications(), before, "B's cached verification survives the refresh");
+    assert_eq!(auth.verify(Some(&signed_a)).await, Err(AuthError::UnknownKid), "and A stays refused");
+    assert_eq!(refreshes(&metrics, RunResult::failure), 0);
+
+    // The JWKS endpoint fails: the last good set ({B}) stays in force, and the failures count.
+    server.serve(503, "unavailable".into());
+    support::wait_until(Duration::from_secs(10), "a failed refresh is counted", || async {
+        refreshes(&metrics, RunResult::failure) >= 2
+    })
+    .await;
+    assert!(auth.jwks_loaded());
+    assert!(auth.verify(Some(&signed_b)).await.is_ok());
+    assert_eq!(auth.verify(Some(&signed_a)).await, Err(AuthError::UnknownKid));
+    assert!(refreshes(&metrics, RunResult::success) >= 2);
+
+    // Dropping the authenticator stops its refresh.
+    drop(auth);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let after_drop = server.hits();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(server.hits(), after_drop, "no refresh after the last clone is gone");
 }

@@ -12,7 +12,12 @@
 //!    `HS256` signed with the public key, and everything else fail the same way), `kid` present.
 //! 4. **Key**: looked up by `kid` in the cached JWKS. An unknown `kid` refetches the JWKS, at
 //!    most once per [`REFETCH_MIN_INTERVAL`] across all requests: one fetch is in flight at a
-//!    time and concurrent requests wait for its result instead of fetching again.
+//!    time and concurrent requests wait for its result instead of fetching again. Besides, the
+//!    JWKS is refetched every `auth.jwks_refresh_interval` ([`Authenticator::spawn_refresh`]),
+//!    sooner when its `Cache-Control: max-age` says so: a key the pool stopped publishing stops
+//!    verifying at the first successful refresh without it, cached verifications included (each
+//!    remembers the key that verified it and the key set's generation). A failed refresh keeps
+//!    the keys loaded before.
 //! 5. **Signature and registered claims** by jsonwebtoken: RS256 only, `exp` required, `exp` and
 //!    `nbf` with [`LEEWAY_SECS`] of leeway, `iss` equal to the configured issuer.
 //! 6. **Cognito claims**: `token_use` as configured; `client_id` (access tokens) or `aud`
@@ -23,8 +28,8 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
@@ -32,8 +37,10 @@ use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::config::{AuthConfig, TokenUse};
+use crate::metrics::{Metrics, RunLabels, RunResult};
 
 /// Leeway on `exp` and `nbf` (SPEC section 5: at most 60 s).
 pub const LEEWAY_SECS: u64 = 60;
@@ -207,21 +214,50 @@ struct Inner {
     http: reqwest::Client,
     validation: Validation,
     refetch_interval: Duration,
+    refresh_interval: Duration,
     keys: RwLock<Option<Arc<KeySet>>>,
+    /// The generation of the key set in force. Raised before a set that drops or changes a key
+    /// is stored, so a cached verification made with an older set is re-checked on its next hit.
+    generation: AtomicU64,
     /// Held while a fetch is in flight; holds when the last one started.
     fetch: tokio::sync::Mutex<Option<Instant>>,
+    /// `Cache-Control: max-age` of the last successful fetch.
+    max_age: Mutex<Option<Duration>>,
+    /// Set from a failed fetch until the next successful one: a failure streak is logged once.
+    failing: AtomicBool,
     cache: moka::future::Cache<[u8; 32], CachedToken>,
     verifications: AtomicU64,
     fetches: AtomicU64,
+    metrics: Option<Arc<Metrics>>,
+    /// Stops the scheduled refresh when the last clone of this authenticator goes (a reload
+    /// replaced it).
+    refresh_stop: CancellationToken,
+    _refresh_guard: DropGuard,
 }
 
-type KeySet = HashMap<String, Arc<DecodingKey>>;
+/// The usable keys of one JWKS document.
+struct KeySet {
+    keys: HashMap<String, PublishedKey>,
+    generation: u64,
+}
+
+#[derive(Clone)]
+struct PublishedKey {
+    key: Arc<DecodingKey>,
+    /// The RSA modulus and exponent as published: a refresh that publishes the same ones under
+    /// the same kid keeps the same `key`, so verifications cached with it stay valid.
+    components: (String, String),
+}
 
 #[derive(Clone)]
 struct CachedToken {
     verified: Verified,
     exp: u64,
     ttl: Duration,
+    kid: Arc<str>,
+    /// The key that verified the token and the generation of the set it came from.
+    key: Arc<DecodingKey>,
+    generation: u64,
 }
 
 struct CachedTokenExpiry;
@@ -270,36 +306,47 @@ impl Audience {
     }
 }
 
-impl Authenticator {
-    /// An authenticator with no keys yet: call [`Authenticator::refresh_jwks`] at start (a
-    /// verification with no keys fetches them itself, within the refetch limit).
-    pub fn new(cfg: &AuthConfig, http: reqwest::Client) -> Self {
-        Self::build(cfg, http, None, REFETCH_MIN_INTERVAL, LEEWAY_SECS)
+/// How an [`Authenticator`] is made: [`Authenticator::builder`].
+pub struct AuthenticatorBuilder<'a> {
+    cfg: &'a AuthConfig,
+    http: reqwest::Client,
+    keys: Option<HashMap<String, (String, String)>>,
+    refetch_interval: Duration,
+    leeway: u64,
+    metrics: Option<Arc<Metrics>>,
+}
+
+impl AuthenticatorBuilder<'_> {
+    /// Keys from `jwks_json` (a JWKS document) instead of a first fetch; an unknown `kid` and
+    /// the scheduled refresh still fetch from `cfg.jwks_url`. For benchmarks and offline tests.
+    pub fn jwks(mut self, jwks_json: &[u8]) -> Result<Self, AuthError> {
+        self.keys = Some(parse_jwks(jwks_json).map_err(|detail| AuthError::JwksUnavailable { detail })?);
+        Ok(self)
     }
 
-    /// An authenticator whose keys come from `jwks_json` (a JWKS document) instead of a fetch;
-    /// an unknown `kid` still refetches from `cfg.jwks_url`. For benchmarks and offline tests.
-    pub fn with_jwks(cfg: &AuthConfig, http: reqwest::Client, jwks_json: &[u8]) -> Result<Self, AuthError> {
-        let keys = parse_jwks(jwks_json).map_err(|detail| AuthError::JwksUnavailable { detail })?;
-        Ok(Self::build(cfg, http, Some(keys), REFETCH_MIN_INTERVAL, LEEWAY_SECS))
+    /// Another minimum interval between refetches for an unknown `kid` (SPEC: 30 s), so that
+    /// tests of key rotation need not wait that long.
+    pub fn refetch_interval(mut self, interval: Duration) -> Self {
+        self.refetch_interval = interval;
+        self
     }
 
-    /// Like [`Authenticator::new`] with another minimum interval between JWKS refetches, so
-    /// that tests of key rotation need not wait 30 s. The daemon uses `new`.
-    #[doc(hidden)]
-    pub fn with_refetch_interval(cfg: &AuthConfig, http: reqwest::Client, refetch_interval: Duration) -> Self {
-        Self::build(cfg, http, None, refetch_interval, LEEWAY_SECS)
+    /// Counts every JWKS fetch in `jwks_refreshes_total`.
+    pub fn metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
-    fn build(
-        cfg: &AuthConfig,
-        http: reqwest::Client,
-        keys: Option<KeySet>,
-        refetch_interval: Duration,
-        leeway: u64,
-    ) -> Self {
+    #[cfg(test)]
+    fn leeway(mut self, leeway: u64) -> Self {
+        self.leeway = leeway;
+        self
+    }
+
+    pub fn build(self) -> Authenticator {
+        let cfg = self.cfg;
         let mut validation = Validation::new(Algorithm::RS256);
-        validation.leeway = leeway;
+        validation.leeway = self.leeway;
         validation.validate_exp = true;
         validation.validate_nbf = true;
         // token_use decides between client_id and aud; checked after decoding.
@@ -308,21 +355,70 @@ impl Authenticator {
         validation.set_required_spec_claims(&["exp", "iss", "sub"]);
         let cache =
             moka::future::Cache::builder().max_capacity(CACHE_MAX_ENTRIES).expire_after(CachedTokenExpiry).build();
+        let keys = self.keys.map(|published| Arc::new(key_set(published, None, 0)));
+        let refresh_stop = CancellationToken::new();
         Authenticator {
             inner: Arc::new(Inner {
                 issuer: cfg.issuer.clone(),
                 client_id: cfg.client_id.clone(),
                 token_use: cfg.token_use,
                 jwks_url: cfg.jwks_url.clone(),
-                http,
+                http: self.http,
                 validation,
-                refetch_interval,
-                keys: RwLock::new(keys.map(Arc::new)),
+                refetch_interval: self.refetch_interval,
+                refresh_interval: cfg.jwks_refresh_interval,
+                keys: RwLock::new(keys),
+                generation: AtomicU64::new(0),
                 fetch: tokio::sync::Mutex::new(None),
+                max_age: Mutex::new(None),
+                failing: AtomicBool::new(false),
                 cache,
                 verifications: AtomicU64::new(0),
                 fetches: AtomicU64::new(0),
+                metrics: self.metrics,
+                _refresh_guard: refresh_stop.clone().drop_guard(),
+                refresh_stop,
             }),
+        }
+    }
+}
+
+/// A key set from the published `(n, e)` per kid, keeping the decoded key of `old` wherever a
+/// kid publishes the same components.
+fn key_set(published: HashMap<String, (String, String)>, old: Option<&KeySet>, generation: u64) -> KeySet {
+    let mut keys = HashMap::with_capacity(published.len());
+    for (kid, components) in published {
+        let kept = old.and_then(|o| o.keys.get(&kid)).filter(|k| k.components == components).cloned();
+        let key = match kept {
+            Some(k) => k,
+            None => match DecodingKey::from_rsa_components(&components.0, &components.1) {
+                Ok(key) => PublishedKey { key: Arc::new(key), components },
+                Err(err) => {
+                    tracing::warn!(kid, "skipping a JWKS key that is not a valid RSA key: {err}");
+                    continue;
+                }
+            },
+        };
+        keys.insert(kid, key);
+    }
+    KeySet { keys, generation }
+}
+
+impl Authenticator {
+    /// An authenticator with no keys yet: call [`Authenticator::refresh_jwks`] at start (a
+    /// verification with no keys fetches them itself, within the refetch limit).
+    pub fn new(cfg: &AuthConfig, http: reqwest::Client) -> Self {
+        Self::builder(cfg, http).build()
+    }
+
+    pub fn builder(cfg: &AuthConfig, http: reqwest::Client) -> AuthenticatorBuilder<'_> {
+        AuthenticatorBuilder {
+            cfg,
+            http,
+            keys: None,
+            refetch_interval: REFETCH_MIN_INTERVAL,
+            leeway: LEEWAY_SECS,
+            metrics: None,
         }
     }
 
@@ -344,6 +440,29 @@ impl Authenticator {
         self.fetch_and_store().await
     }
 
+    /// Refetches the JWKS every `auth.jwks_refresh_interval` (or its `max-age`, when shorter,
+    /// but not more often than [`REFETCH_MIN_INTERVAL`]) until the last clone of this
+    /// authenticator is dropped. After a failure the next attempt comes within
+    /// [`REFETCH_MIN_INTERVAL`]. Needs a tokio runtime.
+    pub fn spawn_refresh(&self) -> tokio::task::JoinHandle<()> {
+        let weak = Arc::downgrade(&self.inner);
+        let stop = self.inner.refresh_stop.clone();
+        let first = self.next_refresh(true);
+        tokio::spawn(refresh_loop(weak, stop, first))
+    }
+
+    /// When the next scheduled refresh is due after a fetch that succeeded (or not).
+    fn next_refresh(&self, succeeded: bool) -> Duration {
+        let interval = self.inner.refresh_interval;
+        if !succeeded {
+            return interval.min(REFETCH_MIN_INTERVAL);
+        }
+        match *self.inner.max_age.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some(max_age) => interval.min(max_age.max(REFETCH_MIN_INTERVAL)),
+            None => interval,
+        }
+    }
+
     /// JWKS fetches attempted so far (successful or not).
     pub fn jwks_fetches(&self) -> u64 {
         self.inner.fetches.load(Ordering::Relaxed)
@@ -360,7 +479,7 @@ impl Authenticator {
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         if let Some(hit) = self.inner.cache.get(&digest).await {
             // moka's expiry has its own clock and granularity: the token's exp decides.
-            if hit.exp > unix_now() {
+            if hit.exp > unix_now() && self.still_published(&hit) {
                 return Ok(hit.verified);
             }
             self.inner.cache.invalidate(&digest).await;
@@ -368,16 +487,27 @@ impl Authenticator {
         check_b64token(token)?;
         // Boxed: the cold path may fetch the JWKS, whose future would otherwise make every
         // cached verification's future kilobytes larger.
-        let (verified, exp) = Box::pin(self.verify_uncached(token)).await?;
+        let (verified, exp, cached) = Box::pin(self.verify_uncached(token)).await?;
         if let Some(ttl) = cache_ttl(exp, unix_now(), CACHE_TTL_CAP) {
-            self.inner.cache.insert(digest, CachedToken { verified: verified.clone(), exp, ttl }).await;
+            let entry = CachedToken { verified: verified.clone(), exp, ttl, ..cached };
+            self.inner.cache.insert(digest, entry).await;
         }
         Ok(verified)
     }
 
-    async fn verify_uncached(&self, token: &str) -> Result<(Verified, u64), AuthError> {
+    /// Whether the key that verified a cached token is still in the key set in force: free
+    /// while no refresh dropped or changed a key since, a lookup otherwise.
+    fn still_published(&self, hit: &CachedToken) -> bool {
+        if hit.generation == self.inner.generation.load(Ordering::Acquire) {
+            return true;
+        }
+        self.lookup(&hit.kid).is_some_and(|(key, _)| Arc::ptr_eq(&key, &hit.key))
+    }
+
+    /// The verified token, its `exp`, and a cache entry's key fields (the rest filled by the caller).
+    async fn verify_uncached(&self, token: &str) -> Result<(Verified, u64, CachedToken), AuthError> {
         let kid = check_header(token)?;
-        let key = self.key_for(&kid).await?;
+        let (key, generation) = self.key_for(&kid).await?;
         self.inner.verifications.fetch_add(1, Ordering::Relaxed);
         let data = jsonwebtoken::decode::<Claims>(token, &key, &self.inner.validation).map_err(map_jwt_error)?;
         let claims = data.claims;
@@ -392,7 +522,10 @@ impl Authenticator {
             .or_else(|| claims.exp.as_f64().filter(|f| f.is_finite() && *f >= 0.0).map(|f| f as u64))
             .ok_or(AuthError::Malformed("its exp claim is not a date"))?;
         let expires_at = UNIX_EPOCH.checked_add(Duration::from_secs(exp)).unwrap_or(UNIX_EPOCH);
-        Ok((Verified { sub, expires_at }, exp))
+        let verified = Verified { sub, expires_at };
+        let entry =
+            CachedToken { verified: verified.clone(), exp, ttl: Duration::ZERO, kid: kid.into(), key, generation };
+        Ok((verified, exp, entry))
     }
 
     fn check_cognito_claims(&self, claims: &Claims) -> Result<(), AuthError> {
@@ -417,13 +550,14 @@ impl Authenticator {
         self.inner.keys.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    fn lookup(&self, kid: &str) -> Option<Arc<DecodingKey>> {
-        self.current_keys().and_then(|k| k.get(kid).cloned())
+    /// The key published under `kid` and the generation of the set it belongs to.
+    fn lookup(&self, kid: &str) -> Option<(Arc<DecodingKey>, u64)> {
+        self.current_keys().and_then(|set| set.keys.get(kid).map(|k| (k.key.clone(), set.generation)))
     }
 
     /// The key for `kid`, refetching the JWKS at most once per refetch interval. One fetch is
     /// in flight at a time; requests that waited for it use its result.
-    async fn key_for(&self, kid: &str) -> Result<Arc<DecodingKey>, AuthError> {
+    async fn key_for(&self, kid: &str) -> Result<(Arc<DecodingKey>, u64), AuthError> {
         if let Some(key) = self.lookup(kid) {
             return Ok(key);
         }
@@ -462,19 +596,85 @@ impl Authenticator {
             Ok(r) => r,
             Err(_) => Err(format!("no complete answer within {JWKS_FETCH_TIMEOUT:?}")),
         };
-        match fetched.and_then(|body| parse_jwks(&body)) {
-            Ok(keys) => {
-                let n = keys.len();
-                *self.inner.keys.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(keys));
-                tracing::info!(jwks_url = %url, keys = n, "loaded the JWKS");
+        let parsed = fetched.and_then(|(body, max_age)| Ok((parse_jwks(&body)?, max_age)));
+        let count = |result| {
+            if let Some(m) = &self.inner.metrics {
+                m.jwks_refreshes.get_or_create(&RunLabels { result }).inc();
+            }
+        };
+        match parsed {
+            Ok((published, max_age)) => {
+                count(RunResult::success);
+                let (n, changed) = self.store_keys(published);
+                *self.inner.max_age.lock().unwrap_or_else(|p| p.into_inner()) = max_age;
+                if self.inner.failing.swap(false, Ordering::AcqRel) {
+                    tracing::info!(jwks_url = %url, keys = n, "the JWKS loads again");
+                } else if changed {
+                    tracing::info!(jwks_url = %url, keys = n, "loaded the JWKS");
+                } else {
+                    tracing::debug!(jwks_url = %url, keys = n, "the JWKS is unchanged");
+                }
                 Ok(n)
             }
             Err(e) => {
+                count(RunResult::failure);
                 let detail = format!("fetching the JWKS from {url}: {e}");
-                tracing::warn!("{detail}");
+                let kept = self.current_keys().map_or(0, |k| k.keys.len());
+                // One line per failure streak: a JWKS outage must not fill the log.
+                if !self.inner.failing.swap(true, Ordering::AcqRel) {
+                    tracing::warn!(
+                        "{detail}; the {kept} key(s) loaded before stay in force (logged once until it works again)"
+                    );
+                } else {
+                    tracing::debug!("{detail}");
+                }
                 Err(AuthError::JwksUnavailable { detail })
             }
         }
+    }
+
+    /// Puts a freshly fetched key set in force. Returns how many keys it holds and whether it
+    /// differs from the set before. When a key was dropped or changed, the generation is raised
+    /// first, so that no cached verification can pass as current with a key of the old set.
+    fn store_keys(&self, published: HashMap<String, (String, String)>) -> (usize, bool) {
+        let mut slot = self.inner.keys.write().unwrap_or_else(|p| p.into_inner());
+        let old = slot.clone();
+        let dropped = old
+            .as_ref()
+            .is_some_and(|o| o.keys.iter().any(|(kid, k)| published.get(kid).is_none_or(|c| *c != k.components)));
+        let mut generation = old.as_ref().map_or(0, |o| o.generation);
+        if dropped {
+            generation = self.inner.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        }
+        let set = key_set(published, old.as_deref(), generation);
+        let n = set.keys.len();
+        let changed = old.as_ref().is_none_or(|o| dropped || o.keys.len() != n);
+        if dropped {
+            let gone: Vec<&String> =
+                old.iter().flat_map(|o| o.keys.keys()).filter(|k| !set.keys.contains_key(*k)).collect();
+            tracing::info!(?gone, "the JWKS no longer publishes some keys; tokens signed with them stop verifying");
+        }
+        *slot = Some(Arc::new(set));
+        (n, changed)
+    }
+}
+
+/// The scheduled refresh of one authenticator (see [`Authenticator::spawn_refresh`]).
+async fn refresh_loop(weak: Weak<Inner>, stop: CancellationToken, first: Duration) {
+    let mut delay = first;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        let Some(inner) = weak.upgrade() else { return };
+        let auth = Authenticator { inner };
+        let succeeded = {
+            let mut last = auth.inner.fetch.lock().await;
+            *last = Some(Instant::now());
+            auth.fetch_and_store().await.is_ok()
+        };
+        delay = auth.next_refresh(succeeded);
     }
 }
 
@@ -489,11 +689,13 @@ impl fmt::Debug for Authenticator {
     }
 }
 
-async fn fetch_jwks(http: &reqwest::Client, url: &str) -> Result<Vec<u8>, String> {
+/// The body of a JWKS answer and its `Cache-Control: max-age`, if any.
+async fn fetch_jwks(http: &reqwest::Client, url: &str) -> Result<(Vec<u8>, Option<Duration>), String> {
     let mut resp = http.get(url).timeout(JWKS_FETCH_TIMEOUT).send().await.map_err(|e| e.to_string())?;
     if !resp.status().is_success() {
         return Err(format!("HTTP status {}", resp.status()));
     }
+    let max_age = resp.headers().get(reqwest::header::CACHE_CONTROL).and_then(|v| v.to_str().ok()).and_then(max_age);
     let mut body = Vec::new();
     while let Some(chunk) = resp.chunk().await.map_err(|e| e.to_string())? {
         if body.len() + chunk.len() > MAX_JWKS_BYTES {
@@ -501,18 +703,31 @@ async fn fetch_jwks(http: &reqwest::Client, url: &str) -> Result<Vec<u8>, String
         }
         body.extend_from_slice(&chunk);
     }
-    Ok(body)
+    Ok((body, max_age))
 }
 
-/// The usable keys of a JWKS: RSA keys with a `kid`, meant for signatures (`use` absent or
-/// `sig`) with RS256 (`alg` absent or `RS256`). Others are skipped; none usable is an error.
-fn parse_jwks(body: &[u8]) -> Result<KeySet, String> {
+/// The `max-age` directive of a `Cache-Control` value (`no-cache`/`no-store` count as 0).
+fn max_age(cache_control: &str) -> Option<Duration> {
+    cache_control.split(',').map(str::trim).find_map(|directive| {
+        let lower = directive.to_ascii_lowercase();
+        if lower == "no-cache" || lower == "no-store" {
+            return Some(Duration::ZERO);
+        }
+        let secs = lower.strip_prefix("max-age=")?.trim_matches('"').parse::<u64>().ok()?;
+        Some(Duration::from_secs(secs))
+    })
+}
+
+/// The usable keys of a JWKS as `kid -> (n, e)`: RSA keys with a `kid`, meant for signatures
+/// (`use` absent or `sig`) with RS256 (`alg` absent or `RS256`). Others are skipped; none
+/// usable is an error.
+fn parse_jwks(body: &[u8]) -> Result<HashMap<String, (String, String)>, String> {
     #[derive(Deserialize)]
     struct Jwks {
         keys: Vec<serde_json::Value>,
     }
     let jwks: Jwks = serde_json::from_slice(body).map_err(|e| format!("not a JWKS document: {e}"))?;
-    let mut keys = KeySet::new();
+    let mut keys = HashMap::new();
     for k in &jwks.keys {
         let s = |name: &str| k.get(name).and_then(|v| v.as_str());
         let usable =
@@ -521,9 +736,10 @@ fn parse_jwks(body: &[u8]) -> Result<KeySet, String> {
         if !usable || kid.is_empty() {
             continue;
         }
+        // Decoded here too, so a document whose every key is broken counts as no JWKS at all.
         match DecodingKey::from_rsa_components(n, e) {
-            Ok(key) => {
-                keys.insert(kid.to_owned(), Arc::new(key));
+            Ok(_) => {
+                keys.insert(kid.to_owned(), (n.to_owned(), e.to_owned()));
             }
             Err(err) => tracing::warn!(kid, "skipping a JWKS key that is not a valid RSA key: {err}"),
         }
@@ -611,12 +827,16 @@ mod tests {
             // Nothing listens there: an unknown kid fails to refetch, fast.
             jwks_url: "http://127.0.0.1:9/jwks.json".into(),
             token_use,
+            ..AuthConfig::default()
         }
     }
 
     fn auth_with_leeway(leeway: u64) -> Authenticator {
-        let keys = parse_jwks(TEST_JWKS).unwrap();
-        Authenticator::build(&cfg(TokenUse::Access), reqwest::Client::new(), Some(keys), REFETCH_MIN_INTERVAL, leeway)
+        Authenticator::builder(&cfg(TokenUse::Access), reqwest::Client::new())
+            .jwks(TEST_JWKS)
+            .unwrap()
+            .leeway(leeway)
+            .build()
     }
 
     fn sign(claims: &serde_json::Value) -> String {
