@@ -252,6 +252,8 @@ impl<K, V> Expiry<K, V> for LiveTtl {
     }
 }
 
+/// `cache.users_ttl` for a mapping, [`NEGATIVE_USER_TTL`] (or `users_ttl` when shorter) for a
+/// sub no row carries.
 struct UserExpiry {
     positive: LiveTtl,
 }
@@ -338,6 +340,7 @@ pub struct Cache {
     groups: Moka<UserUuid, Stamped<GroupRows>>,
     messages: Moka<MessageGroupId, Stamped<MessageWindow>>,
     users: Moka<CognitoSub, Option<UserUuid>>,
+    users_ttl: LiveTtl,
     store: Store,
     users_source: Users,
     window: usize,
@@ -369,15 +372,17 @@ impl Cache {
             .weigher(|_: &MessageGroupId, v: &Stamped<MessageWindow>| v.value.weight())
             .expire_after(ttl.clone())
             .build();
+        let users_ttl = LiveTtl::new(cfg.users_ttl);
         let users = Moka::builder()
             .max_capacity(total / 10)
             .weigher(|k: &CognitoSub, _: &Option<UserUuid>| 96 + u32::try_from(k.0.len()).unwrap_or(u32::MAX))
-            .expire_after(UserExpiry { positive: ttl.clone() })
+            .expire_after(UserExpiry { positive: users_ttl.clone() })
             .build();
         Cache {
             groups,
             messages,
             users,
+            users_ttl,
             store,
             users_source,
             window: cfg.messages_per_group as usize,
@@ -398,6 +403,11 @@ impl Cache {
         self.ttl.get()
     }
 
+    /// Applies a new `cache.users_ttl` to every mapping, old and new.
+    pub fn set_users_ttl(&self, ttl: Duration) {
+        self.users_ttl.set(ttl);
+    }
+
     fn count(&self, cache: CacheName, result: CacheResult) {
         self.metrics.cache_request(cache, result);
     }
@@ -412,24 +422,49 @@ impl Cache {
         Box::pin(self.load_user(sub)).await
     }
 
+    /// A lookup under the sub's compute lock, like a conversation's load: concurrent misses
+    /// wait for one query, and [`Cache::forget_users`] waits for a lookup in flight, so a mapping
+    /// read before a change cannot be put back after the change was forgotten. Errors are not
+    /// cached.
     async fn load_user(&self, sub: &CognitoSub) -> Result<Option<UserUuid>, CacheError> {
-        // Concurrent misses for one sub share one query; errors are not cached.
-        let lookup = async {
-            match tokio::time::timeout(self.load_timeout, self.users_source.lookup(sub)).await {
-                Ok(r) => r,
-                Err(_) => Err(CacheError::Unavailable(format!(
-                    "PostgreSQL at {} did not answer within {:?}",
-                    self.users_source.target, self.load_timeout
-                ))),
-            }
-        };
-        self.users.try_get_with_by_ref(sub, lookup).await.map_err(|e| (*e).clone())
+        let mut loaded: Option<Result<Option<UserUuid>, CacheError>> = None;
+        let result = self
+            .users
+            .entry_by_ref(sub)
+            .and_compute_with(|existing| {
+                let loaded = &mut loaded;
+                async move {
+                    if existing.is_some() {
+                        return Op::Nop; // another request looked it up while we waited
+                    }
+                    let lookup = match tokio::time::timeout(self.load_timeout, self.users_source.lookup(sub)).await {
+                        Ok(r) => r,
+                        Err(_) => Err(CacheError::Unavailable(format!(
+                            "PostgreSQL at {} did not answer within {:?}",
+                            self.users_source.target, self.load_timeout
+                        ))),
+                    };
+                    let op = match &lookup {
+                        Ok(user) => Op::Put(*user),
+                        Err(_) => Op::Nop,
+                    };
+                    *loaded = Some(lookup);
+                    op
+                }
+            })
+            .await;
+        match (loaded, result.into_entry()) {
+            (Some(lookup), _) => lookup,
+            (None, Some(entry)) => Ok(entry.into_value()),
+            (None, None) => Err(CacheError::Unavailable(format!("the user of sub {sub} could not be looked up"))),
+        }
     }
 
     /// Forgets mappings that reconciliation just changed, so they apply to the next request.
+    /// Each waits for a lookup of its sub in flight, then removes what it put.
     pub async fn forget_users(&self, subs: impl IntoIterator<Item = CognitoSub>) {
         for sub in subs {
-            self.users.invalidate(&sub).await;
+            self.users.entry(sub).and_compute_with(|_| async { Op::Remove }).await;
         }
     }
 

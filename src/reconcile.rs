@@ -13,10 +13,13 @@
 //!    value differs, one query counts and names the outcomes. A dry run rolls back. Any error
 //!    (PostgreSQL gone, the connection dropped) rolls back too: PostgreSQL is as before the run.
 //! 4. The subs whose mapping changed (new and previous) are dropped from the daemon's users
-//!    cache after the commit, so the next request sees the new mapping.
+//!    cache after the commit, so the next request sees the new mapping. Other instances of a
+//!    fleet, and the CLI's runs, reach it through `cache.users_ttl`.
 //!
 //! [`schedule`] is the daemon's loop: first run a few seconds after start, then every
-//! `interval` plus up to `jitter`, never overlapping, metrics after every run.
+//! `interval` plus up to `jitter`, never overlapping, metrics after every run. It reads its
+//! [`Settings`] (`[reconcile]` and `auth.user_pool_id`) at every tick, so a reload that moves
+//! the daemon to another user pool moves reconciliation with it.
 
 use std::collections::HashSet;
 use std::io::Write;
@@ -104,9 +107,10 @@ pub struct Outcome {
 
 /// Per Cognito user: `updated` (a row matched and got its sub; in a dry run: would get it),
 /// `unchanged` (the row already had it), `unmatched` (no row has the value), `skipped` (no
-/// match attribute or no sub), `conflict` (several Cognito users share the value, or several
-/// rows have it; none of those rows is written). Names are the match value, the Cognito
-/// username for `skipped`.
+/// match attribute or no sub), `conflict` (several Cognito users share the value, several
+/// rows have it, or another row already carries the user's sub; none of those rows is
+/// written). Names are the match value, the Cognito username for `skipped`; a conflict over a
+/// sub names both rows: `alice_new (its sub is already on alice)` (their handles).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Outcomes {
     pub updated: Outcome,
@@ -217,6 +221,20 @@ async fn at(hook: Option<&Hook>, phase: Phase) {
     }
 }
 
+/// What a scheduled run reads at every tick; a reload replaces it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    pub reconcile: ReconcileConfig,
+    /// The pool listed: the one whose tokens the API verifies (`auth.user_pool_id`).
+    pub user_pool_id: String,
+}
+
+impl Settings {
+    pub fn of(cfg: &Config) -> Settings {
+        Settings { reconcile: cfg.reconcile.clone(), user_pool_id: cfg.auth.user_pool_id.clone() }
+    }
+}
+
 /// Runs reconciliations against one pool and one database.
 #[derive(Clone)]
 pub struct Reconciler {
@@ -261,6 +279,11 @@ impl Reconciler {
             cfg.postgres.connect_timeout,
             cache,
         ))
+    }
+
+    /// The same reconciler for another pool.
+    pub fn for_pool(&self, user_pool_id: &str) -> Reconciler {
+        Reconciler { user_pool_id: user_pool_id.to_string(), ..self.clone() }
     }
 
     /// One run now. `Ok` with [`Status::Skipped`] when another instance holds the lock; `Err`
@@ -448,25 +471,43 @@ async fn apply_inner(
         .await
         .map_err(|e| pg::query_error(target, "analysing the Cognito users", e))?;
 
-    // One row per Cognito user with its outcome. Both kinds of conflict are found by hashing
-    // once: values several Cognito users claim, and values several rows carry. A value in
-    // several rows is joined to none of them, so every Cognito user stays one plan row.
+    // One row per Cognito user with its outcome. Both kinds of claim conflict are found by
+    // hashing once: values several Cognito users claim, and values several rows carry. A value
+    // in several rows is joined to none of them, so every Cognito user stays one plan row. A
+    // sub that another row than the matched one already carries is a conflict too: writing it
+    // would leave two rows with one sub, which the API serves to nobody (403).
+    let named = if columns.iter().any(|c| c == "handle") { "handle" } else { column };
     let classify = format!(
         "CREATE TEMPORARY TABLE reconcile_plan ON COMMIT DROP AS
          WITH shared_claims AS (SELECT value FROM reconcile_cognito GROUP BY value HAVING count(*) > 1),
               shared_rows AS (
                 SELECT {column} AS value FROM public.users WHERE {column} IS NOT NULL
-                GROUP BY {column} HAVING count(*) > 1)
-         SELECT k.username, k.sub, k.value, u.uuid, u.cognito_user_id AS current,
-                CASE WHEN r.value IS NOT NULL THEN 'conflict'
-                     WHEN u.uuid IS NULL THEN 'unmatched'
-                     WHEN c.value IS NOT NULL THEN 'conflict'
-                     WHEN u.cognito_user_id IS NOT DISTINCT FROM k.sub THEN 'unchanged'
-                     ELSE 'updated' END AS outcome
-         FROM reconcile_cognito k
-         LEFT JOIN shared_rows r ON r.value = k.value
-         LEFT JOIN public.users u ON r.value IS NULL AND u.{column} = k.value
-         LEFT JOIN shared_claims c ON c.value = k.value"
+                GROUP BY {column} HAVING count(*) > 1),
+              carriers AS (
+                SELECT cognito_user_id AS sub, array_agg(uuid) AS uuids, array_agg({named}::text) AS names
+                FROM public.users WHERE cognito_user_id IN (SELECT sub FROM reconcile_cognito)
+                GROUP BY cognito_user_id),
+              matched AS (
+                SELECT k.username, k.sub, k.value, u.uuid, u.cognito_user_id AS current,
+                       u.{named}::text AS row_name, r.value AS shared_row, c.value AS shared_claim,
+                       (SELECT n FROM unnest(s.uuids, s.names) AS x(id, n)
+                        WHERE u.uuid IS NOT NULL AND x.id <> u.uuid ORDER BY n LIMIT 1) AS sub_on
+                FROM reconcile_cognito k
+                LEFT JOIN shared_rows r ON r.value = k.value
+                LEFT JOIN public.users u ON r.value IS NULL AND u.{column} = k.value
+                LEFT JOIN shared_claims c ON c.value = k.value
+                LEFT JOIN carriers s ON s.sub = k.sub)
+         SELECT username, sub, value, uuid, current,
+                CASE WHEN shared_row IS NOT NULL THEN 'conflict'
+                     WHEN uuid IS NULL THEN 'unmatched'
+                     WHEN shared_claim IS NOT NULL THEN 'conflict'
+                     WHEN sub_on IS NOT NULL THEN 'conflict'
+                     WHEN current IS NOT DISTINCT FROM sub THEN 'unchanged'
+                     ELSE 'updated' END AS outcome,
+                CASE WHEN shared_row IS NULL AND uuid IS NOT NULL AND shared_claim IS NULL AND sub_on IS NOT NULL
+                     THEN coalesce(row_name, value) || ' (its sub is already on ' || sub_on || ')'
+                     ELSE value END AS name
+         FROM matched"
     );
     sqlx::query(&classify)
         .execute(&mut *tx)
@@ -492,8 +533,8 @@ async fn apply_inner(
     // the whole plan.
     let counts: Vec<(String, i64, Vec<String>)> = sqlx::query_as(
         "SELECT o.outcome, o.n,
-                ARRAY(SELECT p.value FROM reconcile_plan p WHERE p.outcome = o.outcome
-                      GROUP BY p.value ORDER BY p.value LIMIT $1)
+                ARRAY(SELECT p.name FROM reconcile_plan p WHERE p.outcome = o.outcome
+                      GROUP BY p.name ORDER BY p.name LIMIT $1)
          FROM (SELECT outcome, count(*) AS n FROM reconcile_plan GROUP BY outcome) o",
     )
     .bind(REPORT_NAMES as i64)
@@ -530,17 +571,17 @@ async fn apply_inner(
 }
 
 /// The daemon's loop: one run at a time, until `stop`. `settings` is read at every tick, so a
-/// reload of `interval`, `jitter`, `match_on`, `cognito_max_rps` or `enabled` applies from the
-/// next tick; while disabled it only waits for a change.
+/// reload of `interval`, `jitter`, `match_on`, `cognito_max_rps`, `enabled` or the user pool
+/// applies from the next tick; while disabled it only waits for a change.
 pub async fn schedule(
     reconciler: Reconciler,
-    mut settings: watch::Receiver<ReconcileConfig>,
+    mut settings: watch::Receiver<Settings>,
     metrics: Arc<Metrics>,
     stop: CancellationToken,
 ) {
     let mut first = true;
     loop {
-        let cfg = settings.borrow_and_update().clone();
+        let cfg = settings.borrow_and_update().reconcile.clone();
         if !cfg.enabled {
             tokio::select! {
                 _ = stop.cancelled() => return,
@@ -564,14 +605,19 @@ pub async fn schedule(
             _ = tokio::time::sleep(delay) => {}
         }
         first = false;
-        let cfg = settings.borrow().clone();
-        if !cfg.enabled {
+        let now = settings.borrow().clone();
+        if !now.reconcile.enabled {
             continue;
         }
+        let run = if now.user_pool_id == reconciler.user_pool_id {
+            reconciler.clone()
+        } else {
+            reconciler.for_pool(&now.user_pool_id)
+        };
         // Cancelling drops the run: its connection closes, so PostgreSQL rolls it back.
         let result = tokio::select! {
             _ = stop.cancelled() => return,
-            r = reconciler.run(&cfg, false) => r,
+            r = run.run(&now.reconcile, false) => r,
         };
         record(&metrics, &result);
     }

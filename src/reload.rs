@@ -3,10 +3,13 @@
 //! SIGHUP asks for the same reload.
 //!
 //! A reload reads and validates the whole file first (`config::load`, the same checks as at
-//! start). A file that fails is logged with every problem and counted
-//! (`config_reloads_total{result="failure"}`); nothing changes. A good one applies every live
-//! key at once ([`LIVE_KEYS`]) and names, in one warning, the changed keys that only a restart
-//! applies. A file deleted while the daemon runs keeps the running config, said once.
+//! start), then prepares what the new values need before anything changes: a changed `[auth]`
+//! must load its JWKS (as at start, where the same failure exits 69). A file that fails either
+//! step is logged with its reason and counted (`config_reloads_total{result="failure"}`);
+//! nothing changes, so a ConfigMap with a typo or an unreachable `jwks_url` cannot take a fleet
+//! down. A good one applies every live key at once ([`LIVE_KEYS`]) and names, in one warning,
+//! the changed keys that only a restart applies. A file deleted while the daemon runs keeps the
+//! running config, said once.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -19,21 +22,28 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::cache::Cache;
-use crate::config::{self, Config, ConfigError, ReconcileConfig};
+use crate::config::{self, Config, ConfigError};
 use crate::http::api::ApiState;
 use crate::http::auth::{AuthSlot, Authenticator};
 use crate::metrics::{Metrics, RunLabels, RunResult};
-use crate::{logging, service};
+use crate::{logging, reconcile, service};
 
 /// Quiet time after the last change of the file before it is read.
 pub const DEBOUNCE: Duration = Duration::from_millis(300);
-/// How long a reload waits for a new `[auth]`'s JWKS before swapping it in anyway.
+/// How long a reload waits for a new `[auth]`'s JWKS before refusing it.
 const JWKS_FETCH_BOUND: Duration = Duration::from_secs(10);
 
 /// Keys a running daemon applies at once. A `section.*` entry covers the whole section. Every
 /// other key needs a restart.
-pub const LIVE_KEYS: &[&str] =
-    &["log.level", "http.cors_allowed_origins", "stream.poll_interval", "cache.ttl", "reconcile.*", "auth.*"];
+pub const LIVE_KEYS: &[&str] = &[
+    "log.level",
+    "http.cors_allowed_origins",
+    "stream.poll_interval",
+    "cache.ttl",
+    "cache.users_ttl",
+    "reconcile.*",
+    "auth.*",
+];
 
 pub fn is_live(key: &str) -> bool {
     LIVE_KEYS.iter().any(|k| match k.strip_suffix('*') {
@@ -77,7 +87,7 @@ pub struct Live {
     pub metrics: Arc<Metrics>,
     pub poll_interval: watch::Sender<Duration>,
     /// Published for the reconciliation scheduler, which reads it before every run.
-    pub reconcile: watch::Sender<ReconcileConfig>,
+    pub reconcile: watch::Sender<reconcile::Settings>,
     pub http_client: reqwest::Client,
     /// The config in force: the start-up one with every live key as the last good reload set it.
     current: Mutex<Config>,
@@ -99,7 +109,7 @@ impl Live {
         cache: Arc<Cache>,
         metrics: Arc<Metrics>,
         poll_interval: watch::Sender<Duration>,
-        reconcile: watch::Sender<ReconcileConfig>,
+        reconcile: watch::Sender<reconcile::Settings>,
         http_client: reqwest::Client,
     ) -> Self {
         Live { api, auth, cache, metrics, poll_interval, reconcile, http_client, current: Mutex::new(config.clone()) }
@@ -110,8 +120,9 @@ impl Live {
         self.current.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// Applies every live key of `new` that differs from the config in force.
-    pub async fn apply(&self, new: &Config) -> Applied {
+    /// Applies every live key of `new` that differs from the config in force, or none of them
+    /// when one cannot be applied (the reason is returned).
+    pub async fn apply(&self, new: &Config) -> Result<Applied, String> {
         let old = self.current();
         let mut applied = Applied::default();
         for key in changed_keys(&old, new) {
@@ -122,6 +133,10 @@ impl Live {
             }
         }
         let changed = |prefix: &str| applied.live.iter().any(|k| k.starts_with(prefix));
+
+        // Everything that can fail first: nothing has changed yet.
+        let auth = if changed("auth.") { Some(self.prepare_auth(new).await?) } else { None };
+
         if changed("log.level") {
             match logging::set_level(&new.log.level) {
                 Ok(logging::LevelChange::RustLogWins) => {
@@ -140,30 +155,46 @@ impl Live {
         if changed("cache.ttl") {
             self.cache.set_ttl(new.cache.ttl);
         }
-        if changed("reconcile.") {
-            self.reconcile.send_replace(new.reconcile.clone());
+        if changed("cache.users_ttl") {
+            self.cache.set_users_ttl(new.cache.users_ttl);
         }
-        if changed("auth.") {
-            let auth = Authenticator::new(&new.auth, self.http_client.clone());
-            match tokio::time::timeout(JWKS_FETCH_BOUND, auth.refresh_jwks()).await {
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => {
-                    tracing::warn!(jwks_url = %new.auth.jwks_url, "the new [auth] is in force but its JWKS could not be loaded yet: {e}")
-                }
-                Err(_) => {
-                    tracing::warn!(jwks_url = %new.auth.jwks_url, "the new [auth] is in force but its JWKS did not load within {JWKS_FETCH_BOUND:?}")
-                }
-            }
+        if let Some(auth) = auth {
+            auth.spawn_refresh();
             self.auth.replace(auth);
+        }
+        // The verifier and the reconciler follow one pool: both change in this reload.
+        if changed("reconcile.") || changed("auth.user_pool_id") {
+            self.reconcile.send_replace(reconcile::Settings::of(new));
         }
         let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
         current.log.level = new.log.level.clone();
         current.http.cors_allowed_origins = new.http.cors_allowed_origins.clone();
         current.stream.poll_interval = new.stream.poll_interval;
         current.cache.ttl = new.cache.ttl;
+        current.cache.users_ttl = new.cache.users_ttl;
         current.reconcile = new.reconcile.clone();
         current.auth = new.auth.clone();
-        applied
+        Ok(applied)
+    }
+
+    /// The authenticator of a new `[auth]`, with its JWKS loaded; an error when the JWKS cannot
+    /// be loaded (the authenticator in force stays).
+    async fn prepare_auth(&self, new: &Config) -> Result<Authenticator, String> {
+        let auth = Authenticator::builder(&new.auth, self.http_client.clone()).metrics(self.metrics.clone()).build();
+        match tokio::time::timeout(JWKS_FETCH_BOUND, auth.refresh_jwks()).await {
+            Ok(Ok(_)) => Ok(auth),
+            Ok(Err(e)) => Err(format!(
+                "the new [auth] cannot be used: {}",
+                match e {
+                    crate::http::auth::AuthError::JwksUnavailable { detail } => detail,
+                    other => other.to_string(),
+                }
+            )),
+            Err(_) => Err(format!(
+                "the new [auth] cannot be used: its JWKS at {} did not load within {JWKS_FETCH_BOUND:?}",
+                new.auth.jwks_url
+            )),
+        }
     }
 }
 
@@ -292,7 +323,17 @@ impl Reloader {
                 self.fail(&headline, &problems);
             }
             Ok(loaded) => {
-                let applied = self.live.apply(&loaded.config).await;
+                let applied = match self.live.apply(&loaded.config).await {
+                    Ok(applied) => applied,
+                    Err(reason) => {
+                        // Not remembered as read: any event on the file (a touch) tries it again.
+                        self.last_text = None;
+                        let headline =
+                            format!("config reload ({how}) rejected: {reason}; the running config stays in force");
+                        self.fail(&headline, &[]);
+                        return;
+                    }
+                };
                 if applied.live.is_empty() {
                     tracing::info!(config = %self.path.display(), "config reloaded ({how}); no live key changed");
                 } else {

@@ -13,6 +13,7 @@ use aws_sdk_cognitoidentityprovider::types::{AttributeType, MessageActionType};
 use aws_sdk_cognitoidentityprovider::Client;
 use cruddur_syncd::config::{MatchOn, ReconcileConfig};
 use cruddur_syncd::error::Error;
+use cruddur_syncd::model::CognitoSub;
 use cruddur_syncd::reconcile::{Hook, Phase, Reconciler, Report, Status, LOCK_KEY};
 use futures::{FutureExt, StreamExt};
 use serde_json::Value;
@@ -559,4 +560,133 @@ async fn the_daemon_reconciles_on_its_schedule_and_records_metrics() {
     let last = app.metric("cruddur_syncd_reconcile_last_success_timestamp_seconds", &[]).await;
     assert!((now - last).abs() < 60.0, "last success {last}, now {now}");
     app.stop().await;
+}
+
+#[tokio::test]
+async fn a_sub_already_on_another_row_is_a_conflict_and_the_mapping_that_works_stays() {
+    // Alice was mapped under her old handle; she renamed herself in Cognito, and a new users row
+    // with the new handle exists. Writing her sub there would leave two rows with one sub: the
+    // API serves such a sub to nobody.
+    let (moto, client) = cognito().await;
+    let pool_id = new_pool(&client).await;
+    let alice = cognito_user(&client, &pool_id, "alice", &[("preferred_username", "alice_new")]).await;
+    let db = TestDb::create().await;
+    let pg = PgPool::connect(&db.url).await.unwrap();
+    schema(&pg).await;
+    insert_rows(&pg, &[("alice", "a@x", Some(&alice)), ("alice_new", "a2@x", None)]).await;
+
+    let r = reconciler(&client, &moto, &pool_id, &db.url);
+    let report = r.run(&settings(MatchOn::Handle, 50), false).await.unwrap();
+    assert_eq!(counts(&report), [0, 0, 0, 0, 1], "{report:?}");
+    assert_eq!(report.outcomes.conflict.first, names(&["alice_new (its sub is already on alice)"]));
+    assert!(report.changed_subs.is_empty());
+    let m = mapping(&pg).await;
+    assert_eq!(m["alice"], vec![Some(alice.clone())], "the mapping that works stays");
+    assert_eq!(m["alice_new"], vec![None], "nothing is written for a conflict");
+    let mut text = Vec::new();
+    report.write_text(&mut text).unwrap();
+    let text = String::from_utf8(text).unwrap();
+    assert!(text.contains("alice_new (its sub is already on alice)"), "{text}");
+    pg.close().await;
+    db.drop_db().await;
+}
+
+/// A cache of the daemon's kind whose PostgreSQL connection goes through `proxy`: one
+/// connection, no ping before use, so the only answer on the wire is a lookup's.
+async fn cache_through(
+    proxy: &support::tcp_proxy::TcpProxy,
+    db: &TestDb,
+    users_ttl: Duration,
+) -> cruddur_syncd::cache::Cache {
+    use cruddur_syncd::cache::{Cache, Users};
+    // Without TLS, so the proxy can see which statement an answer is for.
+    let url = format!("{}?sslmode=disable", db.url.replace("127.0.0.1:5432", &proxy.addr.to_string()));
+    let pool =
+        sqlx::postgres::PgPoolOptions::new().max_connections(1).test_before_acquire(false).connect(&url).await.unwrap();
+    let moto = support::moto_url();
+    let store =
+        cruddur_syncd::store::Store::new(support::ddb_client(&support::sdk_config(&moto).await), "unused", moto);
+    let cfg = cruddur_syncd::config::CacheConfig { users_ttl, ..Default::default() };
+    let metrics = Arc::new(cruddur_syncd::metrics::Metrics::new());
+    Cache::new(&cfg, Duration::from_secs(5), store, Users { pool, target: "proxied".into() }, metrics)
+}
+
+async fn user_row(pg: &PgPool, handle: &str, sub: Option<&str>) -> uuid::Uuid {
+    sqlx::query_scalar("INSERT INTO public.users (display_name, handle, email, cognito_user_id) VALUES ($1, $1, $1, $2) RETURNING uuid")
+        .bind(handle)
+        .bind(sub)
+        .fetch_one(pg)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_lookup_in_flight_when_its_mapping_is_forgotten_is_not_kept() {
+    let db = TestDb::create().await;
+    let pg = PgPool::connect(&db.url).await.unwrap();
+    schema(&pg).await;
+    let old_row = user_row(&pg, "before", Some("sub-1")).await;
+    user_row(&pg, "warm", Some("sub-warm")).await;
+    let proxy = support::tcp_proxy::TcpProxy::start("127.0.0.1:5432".parse().unwrap()).await;
+    let cache = Arc::new(cache_through(&proxy, &db, Duration::from_secs(600)).await);
+    // The lookup's statement is prepared on the one connection, so the next lookup sends one
+    // flight (bind, execute) and gets one answer.
+    assert!(cache.user(&CognitoSub("sub-warm".into())).await.unwrap().is_some());
+    // The tail of that answer (ReadyForQuery) may still be on its way.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    proxy.hold_responses(true);
+    let sub = CognitoSub("sub-1".into());
+    let slow = tokio::spawn({
+        let (cache, sub) = (cache.clone(), sub.clone());
+        async move { cache.user(&sub).await }
+    });
+    // The server answered (the old mapping); the answer is on the wire, held.
+    support::wait_until(DEADLINE, "the lookup's answer is held", || async { proxy.held_contains(b"SELECT 1") }).await;
+    // Meanwhile the mapping moves to another row, and is forgotten (as reconcile does).
+    sqlx::query("UPDATE public.users SET cognito_user_id = NULL WHERE uuid = $1")
+        .bind(old_row)
+        .execute(&pg)
+        .await
+        .unwrap();
+    let new_row = user_row(&pg, "after", Some("sub-1")).await;
+    let forget = tokio::spawn({
+        let (cache, sub) = (cache.clone(), sub.clone());
+        async move { cache.forget_users([sub]).await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    proxy.hold_responses(false);
+
+    let seen = slow.await.unwrap().unwrap();
+    assert_eq!(seen.map(|u| u.0), Some(old_row), "a lookup started before the change answers what it read");
+    forget.await.unwrap();
+    let next = cache.user(&sub).await.unwrap();
+    assert_eq!(next.map(|u| u.0), Some(new_row), "the next request sees the new mapping");
+    pg.close().await;
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn a_mapping_changed_elsewhere_is_seen_within_users_ttl() {
+    // Another instance's reconcile, or the CLI's, changes a mapping: nothing tells this cache.
+    let db = TestDb::create().await;
+    let pg = PgPool::connect(&db.url).await.unwrap();
+    schema(&pg).await;
+    let old_row = user_row(&pg, "before", Some("sub-2")).await;
+    let proxy = support::tcp_proxy::TcpProxy::start("127.0.0.1:5432".parse().unwrap()).await;
+    let cache = cache_through(&proxy, &db, Duration::from_millis(500)).await;
+    let sub = CognitoSub("sub-2".into());
+    assert_eq!(cache.user(&sub).await.unwrap().map(|u| u.0), Some(old_row));
+    sqlx::query("UPDATE public.users SET cognito_user_id = NULL WHERE uuid = $1")
+        .bind(old_row)
+        .execute(&pg)
+        .await
+        .unwrap();
+    let new_row = user_row(&pg, "after", Some("sub-2")).await;
+    support::wait_until(DEADLINE, "the new mapping is served", || async {
+        cache.user(&sub).await.unwrap().map(|u| u.0) == Some(new_row)
+    })
+    .await;
+    pg.close().await;
+    db.drop_db().await;
 }

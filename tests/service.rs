@@ -383,6 +383,98 @@ async fn reload_through_sighup() {
     reload_scenario(How::Sighup).await;
 }
 
+async fn status_of(daemon: &Daemon, path: &str, token: &str) -> u16 {
+    daemon.http.get(format!("{}{path}", daemon.api)).bearer_auth(token).send().await.unwrap().status().as_u16()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_whose_jwks_cannot_be_fetched_changes_nothing() {
+    let fx = Fixture::new("").await;
+    let mut daemon = Daemon::spawn(&fx.config, &[]).await;
+    daemon.wait_ready().await;
+    assert_eq!(status_of(&daemon, "/api/message_groups", &fx.token).await, 200);
+
+    // A new [auth] whose JWKS is unreachable, and a live key beside it.
+    let dead = format!("http://127.0.0.1:{}/jwks.json", support::free_port());
+    write_config(
+        &fx.config,
+        &fx.variant(&format!("[auth]\njwks_url = \"{dead}\"\n[http]\ncors_allowed_origins = [\"http://a.example\"]\n")),
+    );
+    daemon.wait_reloads("failure", 1.0).await;
+    let line = daemon
+        .wait_log("the refused reload says why", Duration::from_secs(5), |l| {
+            l.contains("config reload") && l.contains("rejected")
+        })
+        .await;
+    assert!(line.contains(&dead) && line.contains("JWKS"), "{line}");
+    assert_eq!(daemon.reloads("success").await, 0.0);
+    // Refused as a whole: the old authenticator verifies, readiness holds, CORS is unchanged.
+    assert_eq!(status_of(&daemon, "/api/message_groups", &fx.token).await, 200);
+    let ready = daemon.http.get(format!("{}/readyz", daemon.admin)).send().await.unwrap();
+    assert_eq!(ready.status(), 200, "{}", ready.text().await.unwrap());
+    assert!(!daemon.allows_origin("http://a.example").await, "no part of the refused reload applies");
+
+    let (code, log) = daemon.terminate().await;
+    assert_eq!(code, Some(0), "{log}");
+    fx.finish().await;
+}
+
+/// Writes a config the way an editor does (a new file renamed over the old one).
+fn write_config(path: &Path, text: &str) {
+    let tmp = path.with_extension("toml.tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_to_another_user_pool_moves_verifier_and_reconciler_together() {
+    let fx = Fixture::new("[reconcile]\ninterval = \"1s\"\njitter = \"0s\"\n").await;
+    // A second pool with a user whose users row exists but is not mapped yet.
+    let moto = support::moto_url();
+    let cognito = support::cognito_client(&support::sdk_config(&moto).await);
+    let pool2 = support::create_pool(&cognito, "svc2-").await;
+    let client2 = support::create_app_client(&cognito, &pool2, "svc2-test").await;
+    let newbie = support::sign_up(&cognito, &pool2, &client2, "newbie", &[("preferred_username", "newbie")]).await;
+    let pg = sqlx::PgPool::connect(&fx.db.as_ref().unwrap().url).await.unwrap();
+    sqlx::query(
+        "INSERT INTO public.users (uuid, display_name, handle, email) VALUES ($1, 'N', 'newbie', 'n@example.com')",
+    )
+    .bind(uuid::Uuid::new_v4())
+    .execute(&pg)
+    .await
+    .unwrap();
+
+    let daemon = Daemon::spawn(&fx.config, &[]).await;
+    daemon.wait_ready().await;
+    assert_eq!(status_of(&daemon, "/api/message_groups", &newbie.access_token).await, 401, "another pool's token");
+
+    let issuer = format!("https://cognito-idp.us-east-1.amazonaws.com/{pool2}");
+    write_config(
+        &fx.config,
+        &fx.variant(&format!(
+            "[auth]\nuser_pool_id = \"{pool2}\"\nclient_id = \"{client2}\"\nissuer = \"{issuer}\"\n\
+         jwks_url = \"{moto}/{pool2}/.well-known/jwks.json\"\n"
+        )),
+    );
+    daemon.wait_reloads("success", 1.0).await;
+    // The verifier takes the new pool's tokens at once; the reconciler maps the new pool's users
+    // at its next tick (1s), and the mapping reaches the users cache: 200.
+    support::wait_until(Duration::from_secs(20), "the new pool's user is served", || async {
+        status_of(&daemon, "/api/message_groups", &newbie.access_token).await == 200
+    })
+    .await;
+    let mapped: Option<String> = sqlx::query_scalar("SELECT cognito_user_id FROM public.users WHERE handle = 'newbie'")
+        .fetch_one(&pg)
+        .await
+        .unwrap();
+    assert_eq!(mapped.as_deref(), Some(newbie.sub.as_str()));
+    assert_eq!(status_of(&daemon, "/api/message_groups", &fx.token).await, 401, "the old pool's tokens are refused");
+    pg.close().await;
+    let (code, log) = daemon.terminate().await;
+    assert_eq!(code, Some(0), "{log}");
+    fx.finish().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn deleted_config_keeps_the_running_config_and_says_so_once() {
     let fx = Fixture::new("[http]\ncors_allowed_origins = [\"http://a.example\"]\n").await;

@@ -21,6 +21,7 @@ pub mod app;
 pub mod daemon;
 pub mod fault_proxy;
 pub mod pgcluster;
+pub mod tcp_proxy;
 pub mod workload;
 
 pub const PG_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
@@ -261,6 +262,59 @@ pub async fn create_app_client(cognito: &aws_sdk_cognitoidentityprovider::Client
         .await
         .unwrap();
     out.user_pool_client.and_then(|c| c.client_id).expect("CreateUserPoolClient returned no id")
+}
+
+/// A Cognito user signed in: its `sub` and tokens.
+pub struct SignedIn {
+    pub sub: String,
+    pub access_token: String,
+    pub id_token: String,
+}
+
+/// Creates `username` in `pool_id` with `attrs` (a permanent password, no invitation), signs it
+/// in through `client_id` (ADMIN_USER_PASSWORD_AUTH) and reads its `sub`.
+pub async fn sign_up(
+    cognito: &aws_sdk_cognitoidentityprovider::Client,
+    pool_id: &str,
+    client_id: &str,
+    username: &str,
+    attrs: &[(&str, &str)],
+) -> SignedIn {
+    use aws_sdk_cognitoidentityprovider::types::{AttributeType, AuthFlowType, MessageActionType};
+    const PASSWORD: &str = "Testing123!";
+    let mut create = cognito
+        .admin_create_user()
+        .user_pool_id(pool_id)
+        .username(username)
+        .message_action(MessageActionType::Suppress);
+    for (name, value) in attrs {
+        create = create.user_attributes(AttributeType::builder().name(*name).value(*value).build().unwrap());
+    }
+    create.send().await.unwrap();
+    cognito
+        .admin_set_user_password()
+        .user_pool_id(pool_id)
+        .username(username)
+        .password(PASSWORD)
+        .permanent(true)
+        .send()
+        .await
+        .unwrap();
+    let auth = cognito
+        .admin_initiate_auth()
+        .user_pool_id(pool_id)
+        .client_id(client_id)
+        .auth_flow(AuthFlowType::AdminUserPasswordAuth)
+        .auth_parameters("USERNAME", username)
+        .auth_parameters("PASSWORD", PASSWORD)
+        .send()
+        .await
+        .unwrap()
+        .authentication_result
+        .unwrap();
+    let got = cognito.admin_get_user().user_pool_id(pool_id).username(username).send().await.unwrap();
+    let sub = got.user_attributes().iter().find(|a| a.name() == "sub").and_then(|a| a.value()).unwrap().to_string();
+    SignedIn { sub, access_token: auth.access_token.unwrap(), id_token: auth.id_token.unwrap() }
 }
 
 // ---------------------------------------------------------------------------------------------
