@@ -3,10 +3,11 @@
 //! skipped without blocking its shard, a killed leader is replaced from its checkpoint, and the
 //! local demo shows the newest message.
 //!
-//! No test makes a TransactWriteItems fail: moto strands open iterator chains after a cancelled
-//! transaction (GUIDE section 3), and the projector's conditions never fail without a second
-//! writer. moto has one shard per stream, so a message written last and seen moved means every
-//! earlier record was handled ([`drain`]).
+//! moto strands open iterator chains after a cancelled transaction (GUIDE section 3), so a test
+//! that makes a condition fail in moto reads the table afterwards, never the stream. Failures
+//! that are not conditions come from the fault proxy, not from moto. moto has one shard per
+//! stream, so a message written last and seen moved means every earlier record was handled
+//! ([`drain`]).
 //!
 //! A row's key is its owner and its time, so two conversations of one user never share a time
 //! here (their rows would be one item); every conversation gets times of its own.
@@ -230,12 +231,14 @@ async fn a_replayed_stream_changes_nothing() {
     app.stop().await;
 }
 
+const TRANSACT: &str = "DynamoDB_20120810.TransactWriteItems";
+
 #[tokio::test(flavor = "multi_thread")]
-async fn a_record_that_keeps_failing_is_skipped_and_the_shard_goes_on() {
-    // DynamoDB (not Streams) through a proxy that can fail every Query: the projector reads
-    // the stream but cannot read a conversation's rows.
+async fn a_record_dynamodb_refuses_is_skipped_and_the_shard_goes_on() {
+    // DynamoDB (not Streams) through a proxy that answers every TransactWriteItems with a
+    // ValidationException: a refusal that no retry can cure.
     let proxy = FaultProxy::start(&support::moto_url()).await;
-    let mut setup = projector("give_up_after = \"1s\"\nmax_attempts = 3\n");
+    let mut setup = projector("max_attempts = 3\n");
     setup.dynamodb_endpoint = Some(proxy.url.clone());
     let app = App::start_with(setup).await;
     wait_leading(&app).await;
@@ -250,25 +253,151 @@ async fn a_record_that_keeps_failing_is_skipped_and_the_shard_goes_on() {
     app.put_message(&m1).await;
     wait_moved(&app.store(), group, &owners, &m1).await;
 
-    // 500 InternalServerError on every Query: retried by the SDK, then by the projector with
-    // backoff, then given up after give_up_after.
-    proxy.inject(Rule::on("DynamoDB_20120810.Query", Fault::InternalServerError));
+    proxy.inject(Rule::on(TRANSACT, Fault::ValidationException));
     let m2 = message(group, sk(2_000), &b, "two, never projected");
     app.put_message(&m2).await;
     wait_until(DEADLINE, "the projector gives up on the record", || async {
         app.metric("cruddur_syncd_projector_records_skipped_total", &["reason=\"failed\""]).await >= 1.0
     })
     .await;
-    assert!(app.metric("cruddur_syncd_projector_failures_total", &[]).await >= 1.0);
-    // How many attempts fit in give_up_after depends on the SDK's own retry backoff; each one
-    // is at least the SDK's retries of one Query.
-    assert!(proxy.injected("DynamoDB_20120810.Query") >= 2, "the failing call was retried");
+    assert_eq!(proxy.injected(TRANSACT), 3, "skipped after projector.max_attempts refusals");
     assert!(rows_at(&app.store(), group, &owners, &m1).await, "the skipped message moved nothing");
 
     proxy.clear();
     let m3 = message(group, sk(3_000), &a, "three");
     app.put_message(&m3).await;
     wait_moved(&app.store(), group, &owners, &m3).await;
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_outage_longer_than_give_up_after_delays_the_projection_but_loses_nothing() {
+    let proxy = FaultProxy::start(&support::moto_url()).await;
+    let mut setup = projector("give_up_after = \"1s\"\n");
+    setup.dynamodb_endpoint = Some(proxy.url.clone());
+    let app = App::start_with(setup).await;
+    wait_leading(&app).await;
+    let a = app.user("oa", None, true).await;
+    let b = app.user("ob", None, true).await;
+    let owners = [a.uuid, b.uuid];
+    let group = new_group();
+    for row in conversation_rows(group, sk(0), &a, &b, "hi") {
+        app.put_group(&row).await;
+    }
+    let m1 = message(group, sk(1_000), &a, "one");
+    app.put_message(&m1).await;
+    wait_moved(&app.store(), group, &owners, &m1).await;
+
+    // DynamoDB fails every write with a 500 for several give_up_after's.
+    proxy.inject(Rule::on(TRANSACT, Fault::InternalServerError));
+    let m2 = message(group, sk(2_000), &b, "two, written during the outage");
+    app.put_message(&m2).await;
+    wait_until(DEADLINE, "the projector is retrying", || async {
+        app.metric("cruddur_syncd_projector_retrying", &[]).await == 1.0
+    })
+    .await;
+    let retrying_since = std::time::Instant::now();
+    let injected = proxy.injected(TRANSACT);
+    while retrying_since.elapsed() < Duration::from_secs(4) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(proxy.injected(TRANSACT) > injected, "still trying after give_up_after");
+    assert_eq!(app.metric("cruddur_syncd_projector_records_skipped_total", &["reason=\"failed\""]).await, 0.0);
+    assert!(app.metric("cruddur_syncd_projector_lag_seconds", &[]).await >= 3.0, "the lag shows the outage");
+
+    proxy.clear();
+    wait_moved(&app.store(), group, &owners, &m2).await;
+    wait_until(DEADLINE, "the retrying gauge is back to 0", || async {
+        app.metric("cruddur_syncd_projector_retrying", &[]).await == 0.0
+    })
+    .await;
+    assert_eq!(app.metric("cruddur_syncd_projector_records_skipped_total", &["reason=\"failed\""]).await, 0.0);
+    app.stop().await;
+}
+
+/// A GSI Query answer (the AWS JSON wire form) holding `rows`: what an eventually consistent
+/// index may still return after the table changed.
+fn index_answer(rows: &[MessageGroup]) -> String {
+    let items: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|r| {
+            let attrs: serde_json::Map<String, serde_json::Value> =
+                r.to_item().into_iter().map(|(k, v)| (k, serde_json::json!({ "S": v.as_s().unwrap() }))).collect();
+            serde_json::Value::Object(attrs)
+        })
+        .collect();
+    serde_json::json!({ "Items": items, "Count": rows.len(), "ScannedCount": rows.len() }).to_string()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stale_index_read_never_deletes_the_only_real_row() {
+    // The table holds R(t2) for both owners: a message at t3 was deleted and `repair-groups`
+    // moved the rows back. The index still shows the old R(t3) (beside R(t2) for one owner).
+    // A record for t3 (a replay) must not make the projector keep the phantom R(t3) and delete
+    // the real R(t2): the conversation would vanish from that owner's list for good.
+    let proxy = FaultProxy::start(&support::moto_url()).await;
+    let mut setup = projector("");
+    setup.dynamodb_endpoint = Some(proxy.url.clone());
+    let app = App::start_with(setup).await;
+    wait_leading(&app).await;
+    let a = app.user("sa", None, true).await;
+    let b = app.user("sb", None, true).await;
+    let owners = [a.uuid, b.uuid];
+    let group = new_group();
+    let at_t2 = conversation_rows(group, sk(2_000), &a, &b, "two");
+    for row in &at_t2 {
+        app.put_group(row).await;
+    }
+    drain(&app, &a, &b).await;
+
+    let at_t3 = conversation_rows(group, sk(3_000), &a, &b, "three");
+    let stale = index_answer(&[at_t3[0].clone(), at_t2[0].clone(), at_t3[1].clone()]);
+    proxy.inject(
+        Rule::on("DynamoDB_20120810.Query", Fault::Answer(stale))
+            .when_body_contains("IndexName")
+            .when_body_contains(&group.to_string()),
+    );
+    let m3 = message(group, sk(3_000), &a, "three");
+    app.put_message(&m3).await;
+    // Both owners end with exactly one row, at the message: nothing was deleted on the index's
+    // word, and the rows the index hid were read from the table.
+    wait_moved(&app.store(), group, &owners, &m3).await;
+    assert!(proxy.injected("DynamoDB_20120810.Query") >= 1, "the projector read the stale index");
+    assert!(
+        app.metric("cruddur_syncd_projector_conflicts_total", &[]).await >= 1.0,
+        "the check failed and it read again"
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_index_behind_the_table_is_waited_for() {
+    // The index returns nothing for a conversation whose rows the table already has (index
+    // lag): not "no rows", but "not yet".
+    let proxy = FaultProxy::start(&support::moto_url()).await;
+    let mut setup = projector("");
+    setup.dynamodb_endpoint = Some(proxy.url.clone());
+    let app = App::start_with(setup).await;
+    wait_leading(&app).await;
+    let a = app.user("la", None, true).await;
+    let b = app.user("lb", None, true).await;
+    let owners = [a.uuid, b.uuid];
+    let group = new_group();
+    for row in conversation_rows(group, sk(0), &a, &b, "hi") {
+        app.put_group(&row).await;
+    }
+    drain(&app, &a, &b).await;
+    proxy.inject(
+        Rule::on("DynamoDB_20120810.Query", Fault::Answer(index_answer(&[])))
+            .when_body_contains("IndexName")
+            .when_body_contains(&group.to_string())
+            .times(3),
+    );
+    let m1 = message(group, sk(1_000), &a, "one");
+    app.put_message(&m1).await;
+    wait_moved(&app.store(), group, &owners, &m1).await;
+    assert_eq!(proxy.injected("DynamoDB_20120810.Query"), 3, "three empty index reads, then the real one");
+    assert_eq!(app.metric("cruddur_syncd_projector_records_skipped_total", &["reason=\"no_group_rows\""]).await, 0.0);
     app.stop().await;
 }
 

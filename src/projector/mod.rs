@@ -196,6 +196,8 @@ impl<S: StreamSource> Projector<S> {
         }
         let _ = task.await;
         self.metrics.projector_leader.set(0);
+        // A record being retried when the tailer stopped is abandoned with it.
+        self.metrics.projector_retrying.set(0);
         // The tailer has stopped, so nothing else holds the connection.
         if let Ok(lock) = Arc::try_unwrap(lock) {
             // Bounded: a hung PostgreSQL must not hold up a stop; dropping the connection ends

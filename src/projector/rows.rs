@@ -8,12 +8,19 @@
 //! (`attribute_not_exists(pk)`). When another writer got there first a condition fails, the
 //! transaction is cancelled as a whole, and [`MoveError::Conflict`] tells the caller to read
 //! again; nothing is ever half moved, so the conversation never vanishes from a list.
+//!
+//! The group index is eventually consistent, so what it returns may be older than the table: a
+//! row it shows may be gone (moved back by `ddb repair-groups`, say). Nothing is ever deleted on
+//! the index's word alone: dropping duplicates beside a row that stays is one transaction with
+//! a `ConditionCheck` that the kept row exists as read, and a plan that keeps a row without
+//! writing checks it with a consistent read first ([`confirm`]). When a check fails, the caller
+//! reads the owners' partitions consistently ([`read_rows_consistent`]) and plans again.
 
 use std::collections::BTreeMap;
 
 use aws_sdk_dynamodb::error::SdkError;
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
-use aws_sdk_dynamodb::types::{AttributeValue, Delete, Put, TransactWriteItem};
+use aws_sdk_dynamodb::types::{AttributeValue, ConditionCheck, Delete, Put, TransactWriteItem};
 
 use crate::error::{from_sdk, is_transient_code, sdk_code, Error};
 use crate::model::{MessageGroup, Pk, Sk, UserUuid};
@@ -41,8 +48,8 @@ impl Target {
 pub enum OwnerPlan {
     /// Nothing to write.
     Keep { row: MessageGroup },
-    /// The newest row stays; older duplicates beside it are deleted (plain deletes: a row that
-    /// is no newest row cannot come back, so no condition is needed).
+    /// The newest row stays; older duplicates beside it are deleted, in one transaction that
+    /// checks the kept row is still there as read.
     DropDuplicates { keep: MessageGroup, drop: Vec<MessageGroup> },
     /// One transaction: delete `delete`, put `put`. `replaces` is a row that already has `put`'s
     /// key (only the repair tool rewrites a row in place): the put then requires it unchanged.
@@ -74,6 +81,38 @@ pub async fn read_rows(store: &Store, index: &str, group: crate::model::MessageG
         })
         .collect();
     Ok(Rows { rows, misfits })
+}
+
+/// Every row of a conversation that `owners` hold, read from their partitions with consistent
+/// reads (the index may lag the table): what a plan is made from again after a check failed.
+pub async fn read_rows_consistent(
+    store: &Store,
+    group: crate::model::MessageGroupId,
+    owners: &[UserUuid],
+) -> Result<Rows, Error> {
+    let mut out = Rows::default();
+    for owner in owners {
+        let (rows, misfits) = store.group_rows(*owner).await?;
+        out.rows.extend(rows.into_iter().filter(|r| r.message_group_uuid == group));
+        out.misfits.extend(misfits);
+    }
+    Ok(out)
+}
+
+/// Whether `row` exists in the table as read (consistent read of its key, same text): a plan
+/// that keeps it without writing must not rest on a stale index read.
+pub async fn confirm(store: &Store, row: &MessageGroup) -> Result<(), MoveError> {
+    let key = crate::model::ItemKey { pk: Pk::Groups(row.owner), sk: row.sk.clone() };
+    let found = store.get_item(&key).await.map_err(MoveError::from)?;
+    let same = found.as_ref().and_then(|item| item.get("message")).and_then(|m| m.as_s().ok()) == Some(&row.message);
+    if same {
+        Ok(())
+    } else {
+        Err(MoveError::Conflict(format!(
+            "{}: the row the group index showed is not in the table as shown",
+            describe(row)
+        )))
+    }
 }
 
 /// A conversation's rows as read, and the items that did not fit the model.
@@ -174,9 +213,10 @@ pub struct Written {
 pub async fn execute(store: &Store, plan: &OwnerPlan) -> Result<Written, MoveError> {
     match plan {
         OwnerPlan::Keep { .. } => Ok(Written::default()),
-        OwnerPlan::DropDuplicates { drop, .. } => {
-            for row in drop {
-                delete_plain(store, row).await?;
+        OwnerPlan::DropDuplicates { keep, drop } => {
+            let room = MAX_TRANSACTION_ITEMS - 1;
+            for chunk in drop.chunks(room) {
+                transact_drop(store, keep, chunk).await?;
             }
             Ok(Written { moved: 0, dropped: drop.len() })
         }
@@ -186,7 +226,7 @@ pub async fn execute(store: &Store, plan: &OwnerPlan) -> Result<Written, MoveErr
             let room = MAX_TRANSACTION_ITEMS - 1;
             let (in_tx, extra) = delete.split_at(delete.len().min(room));
             for row in extra {
-                delete_plain(store, row).await?;
+                delete_as_read(store, row).await?;
             }
             transact_move(store, in_tx, put, replaces.as_ref()).await?;
             Ok(Written { moved: 1, dropped: extra.len() })
@@ -207,24 +247,60 @@ fn describe(row: &MessageGroup) -> String {
 
 const UNCHANGED: &str = "attribute_exists(pk) AND #m = :old";
 
+/// A delete of `row` that only happens while it is exactly as read.
+fn conditional_delete(store: &Store, row: &MessageGroup) -> Result<TransactWriteItem, MoveError> {
+    let d = Delete::builder()
+        .table_name(store.table())
+        .set_key(Some(key_of(row)))
+        .condition_expression(UNCHANGED)
+        .expression_attribute_names("#m", "message")
+        .expression_attribute_values(":old", AttributeValue::S(row.message.clone()))
+        .build()
+        .map_err(build_error)?;
+    Ok(TransactWriteItem::builder().delete(d).build())
+}
+
+fn build_error(e: aws_sdk_dynamodb::error::BuildError) -> MoveError {
+    MoveError::Rejected(format!("cannot build a request: {e}"))
+}
+
+/// Deletes `drop` beside `keep` in one transaction: every row as read, and `keep` still there
+/// as read (a ConditionCheck), or nothing at all.
+async fn transact_drop(store: &Store, keep: &MessageGroup, drop: &[MessageGroup]) -> Result<(), MoveError> {
+    let check = ConditionCheck::builder()
+        .table_name(store.table())
+        .set_key(Some(key_of(keep)))
+        .condition_expression(UNCHANGED)
+        .expression_attribute_names("#m", "message")
+        .expression_attribute_values(":old", AttributeValue::S(keep.message.clone()))
+        .build()
+        .map_err(build_error)?;
+    let mut request = store
+        .client()
+        .transact_write_items()
+        .transact_items(TransactWriteItem::builder().condition_check(check).build());
+    for row in drop {
+        request = request.transact_items(conditional_delete(store, row)?);
+    }
+    let what = format!("TransactWriteItems dropping duplicates of {}", describe(keep));
+    match request.send().await {
+        Ok(_) => Ok(()),
+        Err(err) => {
+            let codes = cancellation_codes(&err);
+            Err(classify_transaction(store, &what, err, &codes))
+        }
+    }
+}
+
 async fn transact_move(
     store: &Store,
     delete: &[MessageGroup],
     put: &MessageGroup,
     replaces: Option<&MessageGroup>,
 ) -> Result<(), MoveError> {
-    let build = |e: aws_sdk_dynamodb::error::BuildError| MoveError::Rejected(format!("cannot build a request: {e}"));
     let mut request = store.client().transact_write_items();
     for row in delete {
-        let d = Delete::builder()
-            .table_name(store.table())
-            .set_key(Some(key_of(row)))
-            .condition_expression(UNCHANGED)
-            .expression_attribute_names("#m", "message")
-            .expression_attribute_values(":old", AttributeValue::S(row.message.clone()))
-            .build()
-            .map_err(build)?;
-        request = request.transact_items(TransactWriteItem::builder().delete(d).build());
+        request = request.transact_items(conditional_delete(store, row)?);
     }
     let mut p = Put::builder().table_name(store.table()).set_item(Some(put.to_item()));
     p = match replaces {
@@ -234,7 +310,7 @@ async fn transact_move(
             .expression_attribute_names("#m", "message")
             .expression_attribute_values(":old", AttributeValue::S(old.message.clone())),
     };
-    request = request.transact_items(TransactWriteItem::builder().put(p.build().map_err(build)?).build());
+    request = request.transact_items(TransactWriteItem::builder().put(p.build().map_err(build_error)?).build());
     let what = format!("TransactWriteItems moving {} to {}", Pk::Groups(put.owner), put.sk);
     let err = match request.send().await {
         Ok(_) => return Ok(()),
@@ -299,16 +375,27 @@ fn classify_transaction<R: std::fmt::Debug>(
     from_sdk(store.context(what), err).into()
 }
 
-async fn delete_plain(store: &Store, row: &MessageGroup) -> Result<(), MoveError> {
-    store
+/// A delete outside a transaction, still only of the row as read.
+async fn delete_as_read(store: &Store, row: &MessageGroup) -> Result<(), MoveError> {
+    let what = format!("DeleteItem {}", describe(row));
+    let result = store
         .client()
         .delete_item()
         .table_name(store.table())
         .set_key(Some(key_of(row)))
+        .condition_expression(UNCHANGED)
+        .expression_attribute_names("#m", "message")
+        .expression_attribute_values(":old", AttributeValue::S(row.message.clone()))
         .send()
-        .await
-        .map(|_| ())
-        .map_err(|e| MoveError::from(from_sdk(store.context(&format!("DeleteItem {}", describe(row))), e)))
+        .await;
+    match result {
+        Ok(_) => Ok(()),
+        Err(e) if sdk_code(&e) == Some("ConditionalCheckFailedException") => {
+            Err(MoveError::Conflict(format!("{}: the row changed since it was read", store.context(&what))))
+        }
+        // Throttling and server errors come back as Unavailable, which is Transient.
+        Err(e) => Err(MoveError::from(from_sdk(store.context(&what), e))),
+    }
 }
 
 #[cfg(test)]

@@ -1,10 +1,18 @@
 //! The projector's consumer of the stream: every message INSERT moves its conversation's rows.
 //!
-//! Records of a page are handled one by one, in stream order. A record that fails is retried
-//! with backoff; a conflict (another writer moved the rows between our read and our write) is
-//! read again at once. A record DynamoDB keeps refusing (`projector.max_attempts` error
-//! answers), or that keeps failing for any reason for `projector.give_up_after`, is logged with
-//! its keys, counted, and skipped, so one record can never hold its shard for long.
+//! Records of a page are handled one by one, in stream order. What goes wrong is sorted by
+//! whether trying again can help:
+//!
+//! - **Not now** ([`MoveError::Transient`]: DynamoDB unreachable, a timeout, throttling, a 5xx,
+//!   or a group index that does not show rows the table already has): retried with backoff for
+//!   as long as it lasts, with no time limit, so an outage delays the projection but never
+//!   loses it. `projector_retrying` is 1 meanwhile and `projector_lag_seconds` keeps growing.
+//! - **Never** ([`MoveError::Rejected`]: DynamoDB refuses the request itself, a message that
+//!   does not fit): skipped after `projector.max_attempts` refusals, logged with its keys and
+//!   counted, so one record can never hold its shard.
+//! - **Someone else wrote first** ([`MoveError::Conflict`], or a row the index showed is not in
+//!   the table): the owners' rows are read again, consistently, and the record is planned
+//!   again; a record whose rows keep changing for `projector.give_up_after` is skipped.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,10 +24,12 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::checkpoint::LockConn;
-use super::rows::{execute, plan_forward, read_rows, MoveError, Target};
+use super::rows::{
+    confirm, execute, plan_forward, read_rows, read_rows_consistent, MoveError, OwnerPlan, Rows, Target,
+};
 use crate::config::ProjectorConfig;
 use crate::metrics::{Metrics, ReasonLabels};
-use crate::model::{decode_item, Item, ItemKey, Message, Pk};
+use crate::model::{decode_item, Item, ItemKey, Message, Pk, UserUuid};
 use crate::store::Store;
 use crate::stream::{Change, ChangeRecord, ChangeSink, GapReason, Progress};
 
@@ -90,41 +100,68 @@ impl ProjectorSink {
         let mut refusals = 0u32;
         let mut failures = 0u32;
         let mut moved = 0usize;
-        loop {
-            match self.attempt(record).await {
+        // After a conflict, the owners whose partitions are read consistently from then on.
+        let mut reread: Option<Vec<UserUuid>> = None;
+        let mut transient_streak = false;
+        let outcome = loop {
+            match self.attempt(record, reread.as_deref()).await {
                 Ok(Attempt::Done(outcome)) => {
-                    return match outcome {
+                    break match outcome {
                         Outcome::Stale if moved > 0 => Outcome::Moved { rows: moved },
                         Outcome::Moved { rows } => Outcome::Moved { rows: rows + moved },
                         other => other,
                     };
                 }
-                Ok(Attempt::Conflict { moved: m, why }) => {
+                Ok(Attempt::Conflict { moved: m, why, owners }) => {
                     moved += m;
                     self.metrics.projector_conflicts.inc();
                     tracing::debug!(keys = %keys(record), "rows changed under the projector, reading again: {why}");
                     if started.elapsed() >= self.cfg.give_up_after {
-                        return self.give_up(record, &why, started);
+                        break self.give_up(record, &why, started);
                     }
+                    reread = Some(owners);
                     tokio::time::sleep(jitter(CONFLICT_PAUSE_MAX)).await;
                 }
                 Err(e) => {
                     self.metrics.projector_failures.inc();
                     failures += 1;
-                    if matches!(e, MoveError::Rejected(_)) {
-                        refusals += 1;
-                    }
                     let why = e.to_string();
-                    if refusals >= self.cfg.max_attempts || started.elapsed() >= self.cfg.give_up_after {
-                        return self.give_up(record, &why, started);
+                    match e {
+                        MoveError::Rejected(_) => {
+                            refusals += 1;
+                            if refusals >= self.cfg.max_attempts {
+                                break self.give_up(record, &why, started);
+                            }
+                            tracing::debug!(keys = %keys(record), refusals, "DynamoDB refused a write, retrying: {why}");
+                        }
+                        _ => {
+                            // Not now: retried for as long as it lasts; said once per streak.
+                            if !transient_streak {
+                                tracing::warn!(keys = %keys(record), "projecting a record failed for now, retrying until it works: {why}");
+                                transient_streak = true;
+                                self.metrics.projector_retrying.set(1);
+                            } else {
+                                tracing::debug!(keys = %keys(record), attempt = failures, "still failing: {why}");
+                            }
+                            self.record_lag(record);
+                        }
                     }
-                    tracing::debug!(keys = %keys(record), attempt = failures, "projecting a record failed, retrying: {why}");
                     let ceiling = BACKOFF_BASE.saturating_mul(1 << failures.min(10)).min(BACKOFF_CAP);
-                    // Never sleep past the deadline by much: the last attempt comes at it.
-                    let left = self.cfg.give_up_after.saturating_sub(started.elapsed());
-                    tokio::time::sleep((ceiling / 2 + jitter(ceiling / 2)).min(left)).await;
+                    tokio::time::sleep(ceiling / 2 + jitter(ceiling / 2)).await;
                 }
             }
+        };
+        if transient_streak {
+            self.metrics.projector_retrying.set(0);
+            tracing::info!(keys = %keys(record), attempts = failures + 1, after = ?started.elapsed(), "projecting the record works again");
+        }
+        outcome
+    }
+
+    fn record_lag(&self, record: &ChangeRecord) {
+        if let Some(at) = record.approximate_creation {
+            let age = Utc::now().signed_duration_since(at).num_milliseconds() as f64 / 1000.0;
+            self.metrics.projector_lag_seconds.set(age.max(0.0));
         }
     }
 
@@ -140,24 +177,34 @@ impl ProjectorSink {
         Outcome::Failed
     }
 
-    async fn attempt(&self, record: &ChangeRecord) -> Result<Attempt, MoveError> {
+    /// One try: read the rows (through the index, or consistently from `reread`'s partitions
+    /// after a conflict), plan, write.
+    async fn attempt(&self, record: &ChangeRecord, reread: Option<&[UserUuid]>) -> Result<Attempt, MoveError> {
         let Some(message) = self.message_of(record).await? else {
             return Ok(Attempt::Done(if is_message_insert(record) { Outcome::Gone } else { Outcome::NotMessage }));
         };
-        let read = read_rows(&self.store, &self.index, message.group).await?;
+        let read = match reread {
+            Some(owners) => read_rows_consistent(&self.store, message.group, owners).await?,
+            None => read_rows(&self.store, &self.index, message.group).await?,
+        };
         for m in &read.misfits {
             tracing::warn!(pk = ?m.pk, sk = ?m.sk, error = %m.error, "a conversation row does not fit the model; left alone");
         }
         if read.rows.is_empty() {
-            tracing::debug!(group = %message.group, "no conversation rows to move");
-            return Ok(Attempt::Done(Outcome::NoGroupRows));
+            return self.no_rows(&message, reread.is_some()).await;
         }
+        let owners = owners_of(&read);
         let target = Target::new(&message.sk, message.message.clone());
         let mut moved = 0;
         for plan in plan_forward(read.rows, &target) {
-            match execute(&self.store, &plan).await {
+            let written = match &plan {
+                // A row kept without a write must be in the table, not only in the index.
+                OwnerPlan::Keep { row } => confirm(&self.store, row).await.map(|()| Default::default()),
+                _ => execute(&self.store, &plan).await,
+            };
+            match written {
                 Ok(w) => moved += w.moved,
-                Err(MoveError::Conflict(why)) => return Ok(Attempt::Conflict { moved, why }),
+                Err(MoveError::Conflict(why)) => return Ok(Attempt::Conflict { moved, why, owners }),
                 Err(e) => return Err(e),
             }
         }
@@ -166,6 +213,23 @@ impl ProjectorSink {
             tracing::debug!(group = %message.group, sk = %target.sk, rows = moved, "conversation rows moved");
         }
         Ok(Attempt::Done(if moved > 0 { Outcome::Moved { rows: moved } } else { Outcome::Stale }))
+    }
+
+    /// The index shows no row of the conversation. The sender is one of its participants: when
+    /// the sender's own partition has the row, the index is behind the table (not now); when it
+    /// has none, the conversation has no rows to move.
+    async fn no_rows(&self, message: &Message, consistent: bool) -> Result<Attempt, MoveError> {
+        if !consistent {
+            let sender = read_rows_consistent(&self.store, message.group, &[message.user_uuid]).await?;
+            if !sender.rows.is_empty() {
+                return Err(MoveError::Transient(format!(
+                    "the group index does not show the rows of conversation {} yet",
+                    message.group
+                )));
+            }
+        }
+        tracing::debug!(group = %message.group, "no conversation rows to move");
+        Ok(Attempt::Done(Outcome::NoGroupRows))
     }
 
     /// The message a record inserted; `None` for anything else. On a KEYS_ONLY stream the
@@ -193,11 +257,20 @@ impl ProjectorSink {
 
 enum Attempt {
     Done(Outcome),
-    /// Another writer got there first; `moved` rows were written before that.
+    /// Another writer got there first (or the index showed a row the table does not have);
+    /// `moved` rows were written before that. `owners` are read again, consistently.
     Conflict {
         moved: usize,
         why: String,
+        owners: Vec<UserUuid>,
     },
+}
+
+fn owners_of(read: &Rows) -> Vec<UserUuid> {
+    let mut owners: Vec<UserUuid> = read.rows.iter().map(|r| r.owner).collect();
+    owners.sort();
+    owners.dedup();
+    owners
 }
 
 fn is_message_insert(record: &ChangeRecord) -> bool {
@@ -230,10 +303,7 @@ impl ChangeSink for ProjectorSink {
         if let Some(reason) = outcome.skip_reason() {
             self.metrics.projector_records_skipped.get_or_create(&ReasonLabels { reason }).inc();
         }
-        if let Some(at) = record.approximate_creation {
-            let age = Utc::now().signed_duration_since(at).num_milliseconds() as f64 / 1000.0;
-            self.metrics.projector_lag_seconds.set(age.max(0.0));
-        }
+        self.record_lag(&record);
     }
 
     async fn gap(&self, reason: GapReason) {

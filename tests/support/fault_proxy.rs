@@ -5,9 +5,11 @@
 //! `X-Amz-Target` header (`DynamoDB_20120810.Query`, `DynamoDBStreams_20120810.GetRecords`), so
 //! a rule is keyed by that header. A request that no rule claims is forwarded to moto as is.
 //! Faults: hold the answer back, hang without forwarding (a black hole), close the connection
-//! without an answer, or answer as DynamoDB does when it throttles or fails (400
-//! `ThrottlingException` / `ProvisionedThroughputExceededException`, 500 `InternalServerError`).
-//! A rule can hit one request in N and stop after a count, so a storm ends by itself.
+//! without an answer, answer as DynamoDB does when it throttles, fails or refuses (400
+//! `ThrottlingException` / `ProvisionedThroughputExceededException` / `ValidationException`, 500
+//! `InternalServerError`), or answer with a body of the test's (an eventually consistent index
+//! still showing an older state). A rule can be narrowed to requests whose body contains a
+//! string, hit one request in N, and stop after a count, so a storm ends by itself.
 //! With `FAULT_PROXY_LOG` set, every forwarded request is printed (operation, status, size, time).
 
 use std::collections::HashMap;
@@ -46,6 +48,10 @@ pub enum Fault {
     ProvisionedThroughputExceeded,
     /// 500 `InternalServerError`.
     InternalServerError,
+    /// 400 `ValidationException`: DynamoDB refusing the request itself.
+    ValidationException,
+    /// 200 with this JSON body instead of moto's answer.
+    Answer(String),
 }
 
 /// A fault for the requests of one operation (or [`ANY`]).
@@ -57,12 +63,14 @@ pub struct Rule {
     one_in: u64,
     /// Stop after this many hits.
     times: Option<u64>,
+    /// Only requests whose body contains this.
+    body_contains: Option<String>,
 }
 
 impl Rule {
     /// `fault` for every request whose `X-Amz-Target` is `op` ([`ANY`]: every request).
     pub fn on(op: &str, fault: Fault) -> Rule {
-        Rule { op: op.to_string(), fault, one_in: 1, times: None }
+        Rule { op: op.to_string(), fault, one_in: 1, times: None, body_contains: None }
     }
 
     /// Only one matching request in `n` (the others pass).
@@ -74,6 +82,12 @@ impl Rule {
     /// At most `n` hits, then the rule passes everything.
     pub fn times(mut self, n: u64) -> Rule {
         self.times = Some(n);
+        self
+    }
+
+    /// Only requests whose body contains `needle` (a table, an index, a key value).
+    pub fn when_body_contains(mut self, needle: &str) -> Rule {
+        self.body_contains = Some(needle.to_string());
         self
     }
 }
@@ -198,12 +212,17 @@ fn bump_count(map: &Mutex<HashMap<String, u64>>, op: &str) {
     *map.lock().unwrap().entry(op.to_string()).or_default() += 1;
 }
 
-/// The fault for a request of `op`, if a rule claims it.
-fn pick(state: &State, op: &str) -> Option<Fault> {
+/// The fault for a request of `op` with `body`, if a rule claims it.
+fn pick(state: &State, op: &str, body: &[u8]) -> Option<Fault> {
     let mut rules = state.rules.lock().unwrap();
     for a in rules.iter_mut() {
         if a.rule.op != ANY && a.rule.op != op {
             continue;
+        }
+        if let Some(needle) = &a.rule.body_contains {
+            if !body.windows(needle.len()).any(|w| w == needle.as_bytes()) {
+                continue;
+            }
         }
         if a.rule.times.is_some_and(|t| a.hits >= t) {
             continue;
@@ -230,7 +249,10 @@ async fn handle(
     // Subscribed before the rule is picked, so a clear that comes right after is not missed.
     let mut generation = state.generation.subscribe();
     let op = req.headers().get(TARGET).and_then(|v| v.to_str().ok()).unwrap_or("(none)").to_string();
-    let fault = pick(&state, &op);
+    let started = tokio::time::Instant::now();
+    let (parts, body) = req.into_parts();
+    let body = body.collect().await.map_err(|_| CloseConnection)?.to_bytes();
+    let fault = pick(&state, &op, &body);
     if let Some(f) = &fault {
         bump_count(&state.injected, &op);
         match f {
@@ -251,13 +273,20 @@ async fn handle(
                 ))
             }
             Fault::InternalServerError => return Ok(aws_error(500, "InternalServerError", "Internal server error")),
+            Fault::ValidationException => {
+                return Ok(aws_error(400, "ValidationException", "One or more parameter values were invalid"))
+            }
+            Fault::Answer(json) => {
+                let mut res = Response::new(Full::new(Bytes::from(json.clone())));
+                let h = res.headers_mut();
+                h.insert("content-type", "application/x-amz-json-1.0".parse().unwrap());
+                h.insert("x-amzn-requestid", uuid::Uuid::new_v4().to_string().parse().unwrap());
+                return Ok(res);
+            }
             Fault::Delay(_) => {}
         }
     }
 
-    let started = tokio::time::Instant::now();
-    let (parts, body) = req.into_parts();
-    let body = body.collect().await.map_err(|_| CloseConnection)?.to_bytes();
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let mut out = client.request(parts.method.clone(), format!("{upstream}{path}"));
     for (name, value) in &parts.headers {
