@@ -428,31 +428,29 @@ impl Cache {
     /// cached.
     async fn load_user(&self, sub: &CognitoSub) -> Result<Option<UserUuid>, CacheError> {
         let mut loaded: Option<Result<Option<UserUuid>, CacheError>> = None;
-        let result = self
-            .users
-            .entry_by_ref(sub)
-            .and_compute_with(|existing| {
-                let loaded = &mut loaded;
-                async move {
-                    if existing.is_some() {
-                        return Op::Nop; // another request looked it up while we waited
-                    }
-                    let lookup = match tokio::time::timeout(self.load_timeout, self.users_source.lookup(sub)).await {
-                        Ok(r) => r,
-                        Err(_) => Err(CacheError::Unavailable(format!(
-                            "PostgreSQL at {} did not answer within {:?}",
-                            self.users_source.target, self.load_timeout
-                        ))),
-                    };
-                    let op = match &lookup {
-                        Ok(user) => Op::Put(*user),
-                        Err(_) => Op::Nop,
-                    };
-                    *loaded = Some(lookup);
-                    op
+        let compute = self.users.entry_by_ref(sub).and_compute_with(|existing| {
+            let loaded = &mut loaded;
+            async move {
+                if existing.is_some() {
+                    return Op::Nop; // another request looked it up while we waited
                 }
-            })
-            .await;
+                let lookup = self.users_source.lookup(sub).await;
+                let op = match &lookup {
+                    Ok(user) => Op::Put(*user),
+                    Err(_) => Op::Nop,
+                };
+                *loaded = Some(lookup);
+                op
+            }
+        });
+        // One deadline for waiting behind another lookup and for our own: a request queued
+        // behind a hung one answers 503 in time too, not 408.
+        let Ok(result) = tokio::time::timeout(self.load_timeout, compute).await else {
+            return Err(CacheError::Unavailable(format!(
+                "PostgreSQL at {} did not answer within {:?}",
+                self.users_source.target, self.load_timeout
+            )));
+        };
         match (loaded, result.into_entry()) {
             (Some(lookup), _) => lookup,
             (None, Some(entry)) => Ok(entry.into_value()),
@@ -498,9 +496,18 @@ impl Cache {
             return Ok(hit.value);
         }
         self.count(name, CacheResult::miss);
-        // Boxed: the load's state (a DynamoDB call) is kilobytes, and an inline future that size
-        // would be copied around on every hit too.
-        Box::pin(self.load_into(cache, key, load)).await
+        // One deadline for waiting behind another load of the key and for our own, so a request
+        // queued behind a hung load answers 503 in time too. Boxed: the load's state (a
+        // DynamoDB call) is kilobytes, and an inline future that size would be copied around on
+        // every hit too.
+        let described = key.to_string();
+        match tokio::time::timeout(self.load_timeout, Box::pin(self.load_into(cache, key, load))).await {
+            Ok(r) => r,
+            Err(_) => Err(CacheError::Unavailable(format!(
+                "{described} could not be loaded: DynamoDB did not answer within {:?}",
+                self.load_timeout
+            ))),
+        }
     }
 
     fn is_current<V>(&self, entry: &Stamped<V>) -> bool {

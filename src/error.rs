@@ -3,8 +3,8 @@
 //! Every variant carries one finished sentence naming the key, endpoint or item at fault, so the
 //! binary can print it as is.
 
-use std::fmt::Debug;
-
+// The three SDKs share these types (re-exports of the smithy runtime's).
+use aws_sdk_dynamodb::config::http::HttpResponse;
 use aws_sdk_dynamodb::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 
 use crate::config::ConfigError;
@@ -25,6 +25,10 @@ pub enum Error {
     /// The command line asked for something that cannot be done as asked.
     #[error("{0}")]
     Usage(String),
+    /// An AWS service answered the request with an error `code` that says the request, not the
+    /// moment, is at fault (throttling and server errors are [`Error::Unavailable`]).
+    #[error("{message}")]
+    Service { code: String, message: String },
     /// Anything else: a dependency answered with an error, an item is missing, a check failed.
     #[error("{0}")]
     Failed(String),
@@ -39,7 +43,7 @@ impl Error {
             Error::Config(_) => EXIT_CONFIG,
             Error::Unavailable(_) => EXIT_UNAVAILABLE,
             Error::Usage(_) => EXIT_USAGE,
-            Error::Failed(_) => EXIT_FAILURE,
+            Error::Service { .. } | Error::Failed(_) => EXIT_FAILURE,
             Error::OutputClosed => EXIT_OK,
         }
     }
@@ -50,28 +54,25 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// Turns an AWS SDK error into a sentence: `context` says what was attempted against which
 /// endpoint. Connection failures and timeouts are "unavailable"; an answer that is an error
 /// (a missing table, a refused request) is a failure with the service's own code and message.
-pub fn from_sdk<E, R>(context: impl AsRef<str>, err: SdkError<E, R>) -> Error
+pub fn from_sdk<E>(context: impl AsRef<str>, err: SdkError<E, HttpResponse>) -> Error
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-    R: Debug,
 {
     let context = context.as_ref();
     match &err {
         SdkError::ServiceError(se) => {
             let e = se.err();
             let code = e.code().unwrap_or("error");
+            let message = match e.message() {
+                Some(m) if !m.is_empty() => format!("{context}: {code}: {m}"),
+                _ => format!("{context}: {code}"),
+            };
             // Throttling and the service's own failures pass: the dependency is there but cannot
             // serve now, which callers treat like an unreachable one (retry later, exit 69).
-            if is_transient_code(code) {
-                return Error::Unavailable(match e.message() {
-                    Some(m) if !m.is_empty() => format!("{context}: {code}: {m}"),
-                    _ => format!("{context}: {code}"),
-                });
+            if is_transient_code(code) || se.raw().status().is_server_error() {
+                return Error::Unavailable(message);
             }
-            match e.message() {
-                Some(m) if !m.is_empty() => Error::Failed(format!("{context}: {code}: {m}")),
-                _ => Error::Failed(format!("{context}: {code}")),
-            }
+            Error::Service { code: code.to_string(), message }
         }
         _ => Error::Unavailable(format!("{context}: {}", DisplayErrorContext(&err))),
     }
@@ -83,6 +84,13 @@ pub fn sdk_code<E: ProvideErrorMetadata, R>(err: &SdkError<E, R>) -> Option<&str
         SdkError::ServiceError(se) => se.err().code(),
         _ => None,
     }
+}
+
+/// Error codes that say the request's content is at fault: sending it again can never work.
+/// Everything else an AWS service answers (permissions, credentials, a missing table) is about
+/// the moment, not the request.
+pub fn is_request_fault_code(code: &str) -> bool {
+    matches!(code, "ValidationException" | "SerializationException" | "ItemCollectionSizeLimitExceededException")
 }
 
 /// AWS error codes that say "not now" rather than "not this request": throttling, limits and

@@ -490,8 +490,8 @@ async fn apply_inner(
               matched AS (
                 SELECT k.username, k.sub, k.value, u.uuid, u.cognito_user_id AS current,
                        u.{named}::text AS row_name, r.value AS shared_row, c.value AS shared_claim,
-                       (SELECT n FROM unnest(s.uuids, s.names) AS x(id, n)
-                        WHERE u.uuid IS NOT NULL AND x.id <> u.uuid ORDER BY n LIMIT 1) AS sub_on
+                       (SELECT coalesce(n, id::text) FROM unnest(s.uuids, s.names) AS x(id, n)
+                        WHERE u.uuid IS NOT NULL AND x.id <> u.uuid ORDER BY 1 LIMIT 1) AS sub_on
                 FROM reconcile_cognito k
                 LEFT JOIN shared_rows r ON r.value = k.value
                 LEFT JOIN public.users u ON r.value IS NULL AND u.{column} = k.value

@@ -78,6 +78,23 @@ impl Store {
         self.query_pages(query, &format!("Query {index} for group {group}"), None).await
     }
 
+    /// One owner's rows of one conversation, read consistently from the owner's partition (the
+    /// group index may lag the table). The filter matches the conversation id exactly as the
+    /// index does; it saves transfer, not read capacity (the whole partition is read).
+    pub async fn conversation_rows_of(&self, owner: UserUuid, group: MessageGroupId) -> Result<Vec<RawItem>> {
+        let pk = Pk::Groups(owner);
+        let query = self
+            .client
+            .query()
+            .table_name(&self.table)
+            .key_condition_expression("pk = :pk")
+            .filter_expression("message_group_uuid = :g")
+            .expression_attribute_values(":pk", AttributeValue::S(pk.to_string()))
+            .expression_attribute_values(":g", AttributeValue::S(group.to_string()))
+            .consistent_read(true);
+        self.query_pages(query, &format!("Query {pk} for group {group}"), None).await
+    }
+
     /// Runs `query` page by page until the end, or until `limit` items were read.
     async fn query_pages(
         &self,

@@ -303,7 +303,11 @@ async fn an_outage_longer_than_give_up_after_delays_the_projection_but_loses_not
     }
     assert!(proxy.injected(TRANSACT) > injected, "still trying after give_up_after");
     assert_eq!(app.metric("cruddur_syncd_projector_records_skipped_total", &["reason=\"failed\""]).await, 0.0);
-    assert!(app.metric("cruddur_syncd_projector_lag_seconds", &[]).await >= 3.0, "the lag shows the outage");
+    // Updated at each failed attempt, whose spacing the SDK's retry pauses make random.
+    wait_until(DEADLINE, "the lag shows the outage", || async {
+        app.metric("cruddur_syncd_projector_lag_seconds", &[]).await >= 3.0
+    })
+    .await;
 
     proxy.clear();
     wait_moved(&app.store(), group, &owners, &m2).await;
@@ -370,34 +374,56 @@ async fn a_stale_index_read_never_deletes_the_only_real_row() {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn an_index_behind_the_table_is_waited_for() {
-    // The index returns nothing for a conversation whose rows the table already has (index
-    // lag): not "no rows", but "not yet".
+/// A projector whose DynamoDB goes through a fault proxy, leading, with a conversation between
+/// two users whose rows are in the table and projected up to a first message.
+async fn lagging_index_scene(prefix: &str) -> (FaultProxy, App, [User; 2], MessageGroupId) {
     let proxy = FaultProxy::start(&support::moto_url()).await;
     let mut setup = projector("");
     setup.dynamodb_endpoint = Some(proxy.url.clone());
     let app = App::start_with(setup).await;
     wait_leading(&app).await;
-    let a = app.user("la", None, true).await;
-    let b = app.user("lb", None, true).await;
-    let owners = [a.uuid, b.uuid];
+    let a = app.user(&format!("{prefix}a"), None, true).await;
+    let b = app.user(&format!("{prefix}b"), None, true).await;
     let group = new_group();
     for row in conversation_rows(group, sk(0), &a, &b, "hi") {
         app.put_group(&row).await;
     }
     drain(&app, &a, &b).await;
+    (proxy, app, [a, b], group)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_index_that_shows_no_row_yet_is_read_around() {
+    // The index returns nothing for a conversation whose rows the table already has (index
+    // lag): not "no rows". The participants' partitions hold the truth.
+    let (proxy, app, [a, b], group) = lagging_index_scene("la").await;
     proxy.inject(
         Rule::on("DynamoDB_20120810.Query", Fault::Answer(index_answer(&[])))
             .when_body_contains("IndexName")
-            .when_body_contains(&group.to_string())
-            .times(3),
+            .when_body_contains(&group.to_string()),
     );
     let m1 = message(group, sk(1_000), &a, "one");
     app.put_message(&m1).await;
-    wait_moved(&app.store(), group, &owners, &m1).await;
-    assert_eq!(proxy.injected("DynamoDB_20120810.Query"), 3, "three empty index reads, then the real one");
+    wait_moved(&app.store(), group, &[a.uuid, b.uuid], &m1).await;
+    assert!(proxy.injected("DynamoDB_20120810.Query") >= 1, "the projector read the empty index");
     assert_eq!(app.metric("cruddur_syncd_projector_records_skipped_total", &["reason=\"no_group_rows\""]).await, 0.0);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_index_that_shows_one_participant_moves_both() {
+    // The index shows A's row but not B's yet: B's row must move too, not stay behind unseen.
+    let (proxy, app, [a, b], group) = lagging_index_scene("pa").await;
+    let [row_a, _] = conversation_rows(group, sk(0), &a, &b, "hi");
+    proxy.inject(
+        Rule::on("DynamoDB_20120810.Query", Fault::Answer(index_answer(&[row_a])))
+            .when_body_contains("IndexName")
+            .when_body_contains(&group.to_string()),
+    );
+    let m1 = message(group, sk(1_000), &b, "one");
+    app.put_message(&m1).await;
+    wait_moved(&app.store(), group, &[a.uuid, b.uuid], &m1).await;
+    assert!(proxy.injected("DynamoDB_20120810.Query") >= 1, "the projector read the partial index");
     app.stop().await;
 }
 

@@ -891,6 +891,31 @@ mod tests {
     }
 
     #[test]
+    fn max_age_comes_from_cache_control() {
+        assert_eq!(max_age("max-age=300"), Some(Duration::from_secs(300)));
+        assert_eq!(max_age("public, Max-Age=\"60\", must-revalidate"), Some(Duration::from_secs(60)));
+        assert_eq!(max_age("no-cache"), Some(Duration::ZERO));
+        assert_eq!(max_age("public"), None);
+        assert_eq!(max_age("max-age=soon"), None);
+    }
+
+    #[test]
+    fn the_next_refresh_is_the_interval_or_a_shorter_max_age_but_not_below_the_floor() {
+        let mut c = cfg(TokenUse::Access);
+        c.jwks_refresh_interval = Duration::from_secs(900);
+        let auth = Authenticator::new(&c, reqwest::Client::new());
+        assert_eq!(auth.next_refresh(true), Duration::from_secs(900));
+        let set = |d: Option<Duration>| *auth.inner.max_age.lock().unwrap() = d;
+        set(Some(Duration::from_secs(120)));
+        assert_eq!(auth.next_refresh(true), Duration::from_secs(120));
+        set(Some(Duration::ZERO));
+        assert_eq!(auth.next_refresh(true), REFETCH_MIN_INTERVAL, "max-age never pushes below the floor");
+        set(Some(Duration::from_secs(3600)));
+        assert_eq!(auth.next_refresh(true), Duration::from_secs(900), "nor lengthens the interval");
+        assert_eq!(auth.next_refresh(false), REFETCH_MIN_INTERVAL, "a failure retries within the floor");
+    }
+
+    #[test]
     fn cache_ttl_is_until_exp_capped_and_never_past_it() {
         let cap = Duration::from_secs(600);
         assert_eq!(cache_ttl(1_000_100, 1_000_000, cap), Some(Duration::from_secs(100)));

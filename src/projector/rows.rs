@@ -18,11 +18,12 @@
 
 use std::collections::BTreeMap;
 
+use aws_sdk_dynamodb::config::http::HttpResponse;
 use aws_sdk_dynamodb::error::SdkError;
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::types::{AttributeValue, ConditionCheck, Delete, Put, TransactWriteItem};
 
-use crate::error::{from_sdk, is_transient_code, sdk_code, Error};
+use crate::error::{from_sdk, is_request_fault_code, sdk_code, Error};
 use crate::model::{MessageGroup, Pk, Sk, UserUuid};
 use crate::store::{decode_all, Misfit, RawItem, Store};
 
@@ -92,8 +93,11 @@ pub async fn read_rows_consistent(
 ) -> Result<Rows, Error> {
     let mut out = Rows::default();
     for owner in owners {
-        let (rows, misfits) = store.group_rows(*owner).await?;
-        out.rows.extend(rows.into_iter().filter(|r| r.message_group_uuid == group));
+        let (items, misfits) = decode_all(store.conversation_rows_of(*owner, group).await?);
+        out.rows.extend(items.into_iter().filter_map(|i| match i {
+            crate::model::Item::Group(g) => Some(g),
+            crate::model::Item::Message(_) => None,
+        }));
         out.misfits.extend(misfits);
     }
     Ok(out)
@@ -104,7 +108,9 @@ pub async fn read_rows_consistent(
 pub async fn confirm(store: &Store, row: &MessageGroup) -> Result<(), MoveError> {
     let key = crate::model::ItemKey { pk: Pk::Groups(row.owner), sk: row.sk.clone() };
     let found = store.get_item(&key).await.map_err(MoveError::from)?;
-    let same = found.as_ref().and_then(|item| item.get("message")).and_then(|m| m.as_s().ok()) == Some(&row.message);
+    let attr = |name: &str| found.as_ref().and_then(|item| item.get(name)).and_then(|v| v.as_s().ok()).cloned();
+    let same = attr("message").as_ref() == Some(&row.message)
+        && attr("message_group_uuid") == Some(row.message_group_uuid.to_string());
     if same {
         Ok(())
     } else {
@@ -192,10 +198,13 @@ pub enum MoveError {
 }
 
 impl From<Error> for MoveError {
+    /// Only an answer that faults the request itself is a refusal; a missing table, a denied
+    /// permission or expired credentials are an incident that ends, not a reason to skip.
     fn from(e: Error) -> Self {
         match e {
-            Error::Unavailable(m) => MoveError::Transient(m),
-            other => MoveError::Rejected(other.to_string()),
+            Error::Service { ref code, .. } if is_request_fault_code(code) => MoveError::Rejected(e.to_string()),
+            Error::Failed(m) => MoveError::Rejected(m),
+            other => MoveError::Transient(other.to_string()),
         }
     }
 }
@@ -245,7 +254,8 @@ fn describe(row: &MessageGroup) -> String {
     format!("{} {}", Pk::Groups(row.owner), row.sk)
 }
 
-const UNCHANGED: &str = "attribute_exists(pk) AND #m = :old";
+/// The row is still the one read: same key (pk and sk), conversation and text.
+const UNCHANGED: &str = "attribute_exists(pk) AND #m = :old AND #g = :group";
 
 /// A delete of `row` that only happens while it is exactly as read.
 fn conditional_delete(store: &Store, row: &MessageGroup) -> Result<TransactWriteItem, MoveError> {
@@ -254,7 +264,9 @@ fn conditional_delete(store: &Store, row: &MessageGroup) -> Result<TransactWrite
         .set_key(Some(key_of(row)))
         .condition_expression(UNCHANGED)
         .expression_attribute_names("#m", "message")
+        .expression_attribute_names("#g", "message_group_uuid")
         .expression_attribute_values(":old", AttributeValue::S(row.message.clone()))
+        .expression_attribute_values(":group", AttributeValue::S(row.message_group_uuid.to_string()))
         .build()
         .map_err(build_error)?;
     Ok(TransactWriteItem::builder().delete(d).build())
@@ -272,7 +284,9 @@ async fn transact_drop(store: &Store, keep: &MessageGroup, drop: &[MessageGroup]
         .set_key(Some(key_of(keep)))
         .condition_expression(UNCHANGED)
         .expression_attribute_names("#m", "message")
+        .expression_attribute_names("#g", "message_group_uuid")
         .expression_attribute_values(":old", AttributeValue::S(keep.message.clone()))
+        .expression_attribute_values(":group", AttributeValue::S(keep.message_group_uuid.to_string()))
         .build()
         .map_err(build_error)?;
     let mut request = store
@@ -308,7 +322,9 @@ async fn transact_move(
         Some(old) => p
             .condition_expression(UNCHANGED)
             .expression_attribute_names("#m", "message")
-            .expression_attribute_values(":old", AttributeValue::S(old.message.clone())),
+            .expression_attribute_names("#g", "message_group_uuid")
+            .expression_attribute_values(":old", AttributeValue::S(old.message.clone()))
+            .expression_attribute_values(":group", AttributeValue::S(old.message_group_uuid.to_string())),
     };
     request = request.transact_items(TransactWriteItem::builder().put(p.build().map_err(build_error)?).build());
     let what = format!("TransactWriteItems moving {} to {}", Pk::Groups(put.owner), put.sk);
@@ -348,29 +364,25 @@ fn cancellation_codes<R>(err: &SdkError<TransactWriteItemsError, R>) -> Vec<Stri
     }
 }
 
-fn classify_transaction<R: std::fmt::Debug>(
+fn classify_transaction(
     store: &Store,
     what: &str,
-    err: SdkError<TransactWriteItemsError, R>,
+    err: SdkError<TransactWriteItemsError, HttpResponse>,
     codes: &[String],
 ) -> MoveError {
     if let Some(TransactWriteItemsError::TransactionCanceledException(_)) = err.as_service_error() {
         let sentence = format!("{}: cancelled ({})", store.context(what), codes.join(", "));
         let racing = |c: &String| matches!(c.as_str(), "ConditionalCheckFailed" | "TransactionConflict");
-        let throttled = |c: &String| {
-            matches!(c.as_str(), "ThrottlingError" | "ProvisionedThroughputExceeded" | "RequestLimitExceeded")
-        };
+        let faulty = |c: &String| matches!(c.as_str(), "ValidationError" | "ItemCollectionSizeLimitExceeded");
         // No reasons at all: nothing says the request itself is wrong, so read again.
         return if codes.iter().any(racing) || codes.iter().all(|c| c == "None") {
             MoveError::Conflict(sentence)
-        } else if codes.iter().any(throttled) {
-            MoveError::Transient(sentence)
-        } else {
+        } else if codes.iter().any(faulty) {
             MoveError::Rejected(sentence)
+        } else {
+            // Throttled, or a reason this code does not know: not the request's fault.
+            MoveError::Transient(sentence)
         };
-    }
-    if sdk_code(&err).is_some_and(is_transient_code) {
-        return MoveError::Transient(from_sdk(store.context(what), err).to_string());
     }
     from_sdk(store.context(what), err).into()
 }
@@ -385,7 +397,9 @@ async fn delete_as_read(store: &Store, row: &MessageGroup) -> Result<(), MoveErr
         .set_key(Some(key_of(row)))
         .condition_expression(UNCHANGED)
         .expression_attribute_names("#m", "message")
+        .expression_attribute_names("#g", "message_group_uuid")
         .expression_attribute_values(":old", AttributeValue::S(row.message.clone()))
+        .expression_attribute_values(":group", AttributeValue::S(row.message_group_uuid.to_string()))
         .send()
         .await;
     match result {

@@ -4,15 +4,20 @@
 //! whether trying again can help:
 //!
 //! - **Not now** ([`MoveError::Transient`]: DynamoDB unreachable, a timeout, throttling, a 5xx,
-//!   or a group index that does not show rows the table already has): retried with backoff for
-//!   as long as it lasts, with no time limit, so an outage delays the projection but never
-//!   loses it. `projector_retrying` is 1 meanwhile and `projector_lag_seconds` keeps growing.
-//! - **Never** ([`MoveError::Rejected`]: DynamoDB refuses the request itself, a message that
+//!   denied permissions or expired credentials): retried with backoff for as long as it lasts,
+//!   with no time limit, so an outage delays the projection but never loses it.
+//!   `projector_retrying` is 1 meanwhile and `projector_lag_seconds` keeps growing.
+//! - **Never** ([`MoveError::Rejected`]: DynamoDB refuses the request's content, a message that
 //!   does not fit): skipped after `projector.max_attempts` refusals, logged with its keys and
 //!   counted, so one record can never hold its shard.
 //! - **Someone else wrote first** ([`MoveError::Conflict`], or a row the index showed is not in
-//!   the table): the owners' rows are read again, consistently, and the record is planned
-//!   again; a record whose rows keep changing for `projector.give_up_after` is skipped.
+//!   the table): the participants' rows are read again, consistently, and the record is planned
+//!   again; a record whose rows keep changing for `projector.give_up_after` (counted from the
+//!   first conflict) is skipped.
+//!
+//! The group index lags the table: when it does not show a row for every participant of the
+//! conversation (the sender, and whoever the rows it shows name), their partitions are read
+//! consistently instead of waiting for it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -100,8 +105,9 @@ impl ProjectorSink {
         let mut refusals = 0u32;
         let mut failures = 0u32;
         let mut moved = 0usize;
-        // After a conflict, the owners whose partitions are read consistently from then on.
+        // After a conflict, the participants whose partitions are read consistently from then on.
         let mut reread: Option<Vec<UserUuid>> = None;
+        let mut conflicts_since: Option<Instant> = None;
         let mut transient_streak = false;
         let outcome = loop {
             match self.attempt(record, reread.as_deref()).await {
@@ -116,7 +122,8 @@ impl ProjectorSink {
                     moved += m;
                     self.metrics.projector_conflicts.inc();
                     tracing::debug!(keys = %keys(record), "rows changed under the projector, reading again: {why}");
-                    if started.elapsed() >= self.cfg.give_up_after {
+                    // From the first conflict: time spent waiting out an outage does not count.
+                    if conflicts_since.get_or_insert_with(Instant::now).elapsed() >= self.cfg.give_up_after {
                         break self.give_up(record, &why, started);
                     }
                     reread = Some(owners);
@@ -177,23 +184,20 @@ impl ProjectorSink {
         Outcome::Failed
     }
 
-    /// One try: read the rows (through the index, or consistently from `reread`'s partitions
-    /// after a conflict), plan, write.
+    /// One try: read the rows, plan, write.
     async fn attempt(&self, record: &ChangeRecord, reread: Option<&[UserUuid]>) -> Result<Attempt, MoveError> {
         let Some(message) = self.message_of(record).await? else {
             return Ok(Attempt::Done(if is_message_insert(record) { Outcome::Gone } else { Outcome::NotMessage }));
         };
-        let read = match reread {
-            Some(owners) => read_rows_consistent(&self.store, message.group, owners).await?,
-            None => read_rows(&self.store, &self.index, message.group).await?,
-        };
+        let read = self.rows_of(&message, reread).await?;
         for m in &read.misfits {
             tracing::warn!(pk = ?m.pk, sk = ?m.sk, error = %m.error, "a conversation row does not fit the model; left alone");
         }
         if read.rows.is_empty() {
-            return self.no_rows(&message, reread.is_some()).await;
+            tracing::debug!(group = %message.group, "no conversation rows to move");
+            return Ok(Attempt::Done(Outcome::NoGroupRows));
         }
-        let owners = owners_of(&read);
+        let owners = participants(&read, message.user_uuid);
         let target = Target::new(&message.sk, message.message.clone());
         let mut moved = 0;
         for plan in plan_forward(read.rows, &target) {
@@ -215,21 +219,27 @@ impl ProjectorSink {
         Ok(Attempt::Done(if moved > 0 { Outcome::Moved { rows: moved } } else { Outcome::Stale }))
     }
 
-    /// The index shows no row of the conversation. The sender is one of its participants: when
-    /// the sender's own partition has the row, the index is behind the table (not now); when it
-    /// has none, the conversation has no rows to move.
-    async fn no_rows(&self, message: &Message, consistent: bool) -> Result<Attempt, MoveError> {
-        if !consistent {
-            let sender = read_rows_consistent(&self.store, message.group, &[message.user_uuid]).await?;
-            if !sender.rows.is_empty() {
-                return Err(MoveError::Transient(format!(
-                    "the group index does not show the rows of conversation {} yet",
-                    message.group
-                )));
-            }
+    /// The rows of the message's conversation: through the index when it shows a row for every
+    /// participant it names (and for the sender); else, and after a conflict (`reread`), from
+    /// the participants' partitions with consistent reads.
+    async fn rows_of(&self, message: &Message, reread: Option<&[UserUuid]>) -> Result<Rows, MoveError> {
+        let (group, sender) = (message.group, message.user_uuid);
+        if let Some(owners) = reread {
+            return Ok(read_rows_consistent(&self.store, group, owners).await?);
         }
-        tracing::debug!(group = %message.group, "no conversation rows to move");
-        Ok(Attempt::Done(Outcome::NoGroupRows))
+        let indexed = read_rows(&self.store, &self.index, group).await?;
+        let expected = participants(&indexed, sender);
+        if expected.iter().all(|p| indexed.rows.iter().any(|r| r.owner == *p)) {
+            return Ok(indexed);
+        }
+        tracing::debug!(%group, "the group index does not show every participant's row; reading their partitions");
+        let mut rows = read_rows_consistent(&self.store, group, &expected).await?;
+        // The sender's own row may name a participant the index did not show at all.
+        let named = participants(&rows, sender);
+        if named != expected {
+            rows = read_rows_consistent(&self.store, group, &named).await?;
+        }
+        Ok(rows)
     }
 
     /// The message a record inserted; `None` for anything else. On a KEYS_ONLY stream the
@@ -266,11 +276,14 @@ enum Attempt {
     },
 }
 
-fn owners_of(read: &Rows) -> Vec<UserUuid> {
-    let mut owners: Vec<UserUuid> = read.rows.iter().map(|r| r.owner).collect();
-    owners.sort();
-    owners.dedup();
-    owners
+/// Everyone whose partition should hold a row of the conversation: the sender, and the owner
+/// and the other participant of every row read (a row names the participant it is not about).
+fn participants(read: &Rows, sender: UserUuid) -> Vec<UserUuid> {
+    let mut all: Vec<UserUuid> =
+        std::iter::once(sender).chain(read.rows.iter().flat_map(|r| [r.owner, r.user_uuid])).collect();
+    all.sort();
+    all.dedup();
+    all
 }
 
 fn is_message_insert(record: &ChangeRecord) -> bool {

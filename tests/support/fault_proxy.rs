@@ -63,14 +63,14 @@ pub struct Rule {
     one_in: u64,
     /// Stop after this many hits.
     times: Option<u64>,
-    /// Only requests whose body contains this.
-    body_contains: Option<String>,
+    /// Only requests whose body contains every one of these.
+    body_contains: Vec<String>,
 }
 
 impl Rule {
     /// `fault` for every request whose `X-Amz-Target` is `op` ([`ANY`]: every request).
     pub fn on(op: &str, fault: Fault) -> Rule {
-        Rule { op: op.to_string(), fault, one_in: 1, times: None, body_contains: None }
+        Rule { op: op.to_string(), fault, one_in: 1, times: None, body_contains: Vec::new() }
     }
 
     /// Only one matching request in `n` (the others pass).
@@ -85,9 +85,10 @@ impl Rule {
         self
     }
 
-    /// Only requests whose body contains `needle` (a table, an index, a key value).
+    /// Only requests whose body contains `needle` (a table, an index, a key value), and every
+    /// other needle given before.
     pub fn when_body_contains(mut self, needle: &str) -> Rule {
-        self.body_contains = Some(needle.to_string());
+        self.body_contains.push(needle.to_string());
         self
     }
 }
@@ -219,10 +220,9 @@ fn pick(state: &State, op: &str, body: &[u8]) -> Option<Fault> {
         if a.rule.op != ANY && a.rule.op != op {
             continue;
         }
-        if let Some(needle) = &a.rule.body_contains {
-            if !body.windows(needle.len()).any(|w| w == needle.as_bytes()) {
-                continue;
-            }
+        let has = |needle: &String| body.windows(needle.len()).any(|w| w == needle.as_bytes());
+        if !a.rule.body_contains.iter().all(has) {
+            continue;
         }
         if a.rule.times.is_some_and(|t| a.hits >= t) {
             continue;
