@@ -9,20 +9,20 @@
 //! restarted empty, a throwaway PostgreSQL cluster stopped, and a fault-injecting HTTP proxy
 //! (`support::fault_proxy`) between the daemon and moto.
 
-mod support;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cruddur_syncd::model::{MessageGroupId, Sk};
 use cruddur_syncd::store::Store;
 use serde_json::Value;
-use support::app::{conversation_rows, App, Setup};
-use support::daemon::Daemon;
-use support::fault_proxy::{Fault, FaultProxy, Rule, ANY};
-use support::pgcluster::PgCluster;
-use support::wait_until;
-use support::workload::{converge, ApiClient, Cast, Readers, Workload};
+
+use crate::support;
+use crate::support::app::{conversation_rows, App, Setup};
+use crate::support::daemon::Daemon;
+use crate::support::fault_proxy::{Fault, FaultProxy, Rule, ANY};
+use crate::support::pgcluster::PgCluster;
+use crate::support::wait_until;
+use crate::support::workload::{converge, ApiClient, Cast, Readers, Workload};
 
 /// Long enough for a loaded 2-core machine; the stream normally drains in well under a second.
 const CONVERGE: Duration = Duration::from_secs(60);

@@ -1,8 +1,6 @@
 //! Cognito JWT verification against tokens minted by moto's Cognito, and against tokens signed
 //! here with moto's own private key (claims moto would never issue: expired, wrong issuer...).
 
-mod support;
-
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -17,9 +15,11 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::support;
+
 const MOTO_KID: &str = "dummy";
-const OTHER_PEM: &[u8] = include_bytes!("fixtures/test-rsa.pem");
-const OTHER_JWKS: &str = include_str!("fixtures/test-rsa-jwks.json");
+const OTHER_PEM: &[u8] = include_bytes!("../fixtures/test-rsa.pem");
+const OTHER_JWKS: &str = include_str!("../fixtures/test-rsa-jwks.json");
 const OTHER_KID: &str = "test-key";
 
 // ---------------------------------------------------------------------------------------------

@@ -3,13 +3,11 @@
 //! drains, every user's conversations and every conversation's messages equal DynamoDB.
 //! The fault tests (tests/faults.rs) end with the same check.
 
-mod support;
-
 use std::sync::Arc;
 use std::time::Duration;
 
-use support::app::App;
-use support::workload::{converge, Cast, Readers, Workload};
+use crate::support::app::App;
+use crate::support::workload::{converge, Cast, Readers, Workload};
 
 const USERS: usize = 20;
 const GROUPS: usize = 50;

@@ -1,4 +1,4 @@
-//! Helpers shared by the integration tests (`mod support;` in each test file).
+//! Helpers shared by the integration tests (`crate::support` in every module of `tests/it`).
 //!
 //! Tests start what they need: moto comes from the project's venv (`scripts/venv`), PostgreSQL
 //! is the server on 127.0.0.1:5432 (`scripts/ensure-postgres`), one database per test.

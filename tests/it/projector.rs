@@ -12,8 +12,6 @@
 //! A row's key is its owner and its time, so two conversations of one user never share a time
 //! here (their rows would be one item); every conversation gets times of its own.
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -23,11 +21,13 @@ use cruddur_syncd::demo;
 use cruddur_syncd::model::{Message, MessageGroup, MessageGroupId, MessageId, Pk, Sk, UserUuid};
 use cruddur_syncd::store::Store;
 use cruddur_syncd::tools::{self, JsonLines};
-use support::app::{conversation_rows, message, App, Setup, User};
-use support::daemon::{metric, Daemon};
-use support::fault_proxy::{Fault, FaultProxy, Rule};
-use support::{wait_until, TestDb};
 use uuid::Uuid;
+
+use crate::support;
+use crate::support::app::{conversation_rows, message, App, Setup, User};
+use crate::support::daemon::{metric, Daemon};
+use crate::support::fault_proxy::{Fault, FaultProxy, Rule};
+use crate::support::{wait_until, TestDb};
 
 const DEADLINE: Duration = Duration::from_secs(30);
 /// Two daemon processes and a workload on a machine shared with other tests: room, not speed.

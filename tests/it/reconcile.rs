@@ -1,8 +1,6 @@
 //! Reconciliation (SPEC section 7) against a real moto Cognito and a real PostgreSQL: every test
 //! has its own user pool and its own database (or its own throwaway cluster).
 
-mod support;
-
 use std::collections::HashMap;
 use std::process::Output;
 use std::str::FromStr;
@@ -19,10 +17,12 @@ use futures::{FutureExt, StreamExt};
 use serde_json::Value;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgPool};
-use support::app::{App, Setup};
-use support::pgcluster::PgCluster;
-use support::TestDb;
 use tokio::sync::Notify;
+
+use crate::support;
+use crate::support::app::{App, Setup};
+use crate::support::pgcluster::PgCluster;
+use crate::support::TestDb;
 
 const DEADLINE: Duration = Duration::from_secs(15);
 

@@ -1,8 +1,6 @@
 //! The HTTP API end to end: a daemon in-process, real moto (DynamoDB, Streams, Cognito tokens),
 //! real PostgreSQL, real HTTP on a random port.
 
-mod support;
-
 use std::time::Duration;
 
 use chrono::{TimeZone, Utc};
@@ -10,10 +8,12 @@ use cruddur_syncd::demo;
 use cruddur_syncd::model::{ApiEntry, Message, MessageGroup, MessageGroupId, Sk};
 use cruddur_syncd::tools::{self, JsonLines};
 use serde_json::Value;
-use support::app::{flask_render, App, Setup};
-use support::fault_proxy::FaultProxy;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use uuid::Uuid;
+
+use crate::support;
+use crate::support::app::{flask_render, App, Setup};
+use crate::support::fault_proxy::FaultProxy;
 
 const DEADLINE: Duration = Duration::from_secs(15);
 

@@ -3,8 +3,6 @@
 //! Everything runs against the real moto and PostgreSQL; slowness and hangs are made for real
 //! with the fault-injecting HTTP proxy (`support::fault_proxy`) in front of moto.
 
-mod support;
-
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -15,9 +13,11 @@ use cruddur_syncd::config;
 use cruddur_syncd::model::{MessageGroup, MessageGroupId, Sk, UserUuid};
 use cruddur_syncd::store::Store;
 use cruddur_syncd::tools::{self, JsonLines};
-use support::daemon::{metric, Daemon};
-use support::fault_proxy::{Fault, FaultProxy, Rule, ANY};
-use support::TestDb;
+
+use crate::support;
+use crate::support::daemon::{metric, Daemon};
+use crate::support::fault_proxy::{Fault, FaultProxy, Rule, ANY};
+use crate::support::TestDb;
 
 const GET_RECORDS: &str = "DynamoDBStreams_20120810.GetRecords";
 
