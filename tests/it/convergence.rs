@@ -1,7 +1,7 @@
 //! SPEC section 8's convergence guarantee under a concurrent random workload: 2,000 writes over
 //! 50 conversations of 20 users while readers hammer the API; once writes stop and the stream
 //! drains, every user's conversations and every conversation's messages equal DynamoDB.
-//! The fault tests (tests/faults.rs) end with the same check.
+//! The fault tests (tests/it/faults.rs) end with the same check.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,8 +1,8 @@
 //! The integration tests, one binary for all of them (one link of the dependency tree instead
 //! of one per file): a module per area, the helpers they share in [`support`].
 //!
-//! Run one area, or one test, with a name filter: `scripts/test faults::`,
-//! `scripts/test faults::kill9`.
+//! Test names start with their module: `scripts/test faults::kill9` runs the tests whose name
+//! contains that, `scripts/test -E 'test(/^faults::/)'` one whole area.
 
 mod support;
 
