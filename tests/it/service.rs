@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use aws_sdk_cognitoidentityprovider::types::{AuthFlowType, MessageActionType};
 use cruddur_syncd::config;
 use cruddur_syncd::model::{MessageGroup, MessageGroupId, Sk, UserUuid};
 use cruddur_syncd::store::Store;
@@ -59,47 +58,17 @@ impl Fixture {
 
         // One user with a token and a users row, so that API requests go all the way through.
         let handle = "svcuser";
-        cognito
-            .admin_create_user()
-            .user_pool_id(&pool_id)
-            .username(handle)
-            .message_action(MessageActionType::Suppress)
-            .send()
-            .await
-            .unwrap();
-        cognito
-            .admin_set_user_password()
-            .user_pool_id(&pool_id)
-            .username(handle)
-            .password("Testing123!")
-            .permanent(true)
-            .send()
-            .await
-            .unwrap();
-        let auth = cognito
-            .admin_initiate_auth()
-            .user_pool_id(&pool_id)
-            .client_id(&client_id)
-            .auth_flow(AuthFlowType::AdminUserPasswordAuth)
-            .auth_parameters("USERNAME", handle)
-            .auth_parameters("PASSWORD", "Testing123!")
-            .send()
-            .await
-            .unwrap()
-            .authentication_result
-            .unwrap();
-        let got = cognito.admin_get_user().user_pool_id(&pool_id).username(handle).send().await.unwrap();
-        let sub = got.user_attributes().iter().find(|a| a.name() == "sub").and_then(|a| a.value()).unwrap().to_string();
+        let signed_in = support::sign_up(&cognito, &pool_id, &client_id, handle, &[]).await;
         let user = uuid::Uuid::new_v4();
         sqlx::query("INSERT INTO public.users (uuid, display_name, handle, email, cognito_user_id) VALUES ($1, 'S', $2, 's@example.com', $3)")
             .bind(user)
             .bind(handle)
-            .bind(&sub)
+            .bind(&signed_in.sub)
             .execute(&pg)
             .await
             .unwrap();
         pg.close().await;
-        Fixture { dir, config: path, base: doc, token: auth.access_token.unwrap(), user, store, db: Some(db) }
+        Fixture { dir, config: path, base: doc, token: signed_in.access_token, user, store, db: Some(db) }
     }
 
     /// The base config with `extra` merged in, as TOML text.

@@ -5,7 +5,6 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use aws_sdk_cognitoidentityprovider::types::{AttributeType, AuthFlowType, MessageActionType};
 use aws_sdk_dynamodb::types::AttributeValue as V;
 use cruddur_syncd::config::{self, LoadedConfig};
 use cruddur_syncd::daemon::{self, Running};
@@ -167,41 +166,9 @@ impl App {
 
     /// A Cognito user with real tokens and, when `provisioned`, a `users` row mapped to its sub.
     pub async fn user(&self, handle: &str, uuid: Option<UserUuid>, provisioned: bool) -> User {
-        let attr = |k: &str, v: &str| AttributeType::builder().name(k).value(v).build().unwrap();
-        self.cognito
-            .admin_create_user()
-            .user_pool_id(&self.pool_id)
-            .username(handle)
-            .user_attributes(attr("preferred_username", handle))
-            .user_attributes(attr("email", &format!("{handle}@example.com")))
-            .message_action(MessageActionType::Suppress)
-            .send()
-            .await
-            .unwrap();
-        self.cognito
-            .admin_set_user_password()
-            .user_pool_id(&self.pool_id)
-            .username(handle)
-            .password("Testing123!")
-            .permanent(true)
-            .send()
-            .await
-            .unwrap();
-        let auth = self
-            .cognito
-            .admin_initiate_auth()
-            .user_pool_id(&self.pool_id)
-            .client_id(&self.client_id)
-            .auth_flow(AuthFlowType::AdminUserPasswordAuth)
-            .auth_parameters("USERNAME", handle)
-            .auth_parameters("PASSWORD", "Testing123!")
-            .send()
-            .await
-            .unwrap()
-            .authentication_result
-            .unwrap();
-        let got = self.cognito.admin_get_user().user_pool_id(&self.pool_id).username(handle).send().await.unwrap();
-        let sub = got.user_attributes().iter().find(|a| a.name() == "sub").and_then(|a| a.value()).unwrap().to_string();
+        let email = format!("{handle}@example.com");
+        let attrs = [("preferred_username", handle), ("email", email.as_str())];
+        let signed_in = super::sign_up(&self.cognito, &self.pool_id, &self.client_id, handle, &attrs).await;
         let uuid = uuid.unwrap_or_else(|| UserUuid(uuid::Uuid::new_v4()));
         if provisioned {
             sqlx::query(
@@ -211,7 +178,7 @@ impl App {
             .bind(format!("Display {handle}"))
             .bind(handle)
             .bind(format!("{handle}@example.com"))
-            .bind(&sub)
+            .bind(&signed_in.sub)
             .execute(&self.pg)
             .await
             .unwrap();
@@ -219,9 +186,9 @@ impl App {
         User {
             uuid,
             handle: handle.to_string(),
-            access_token: auth.access_token.unwrap(),
-            id_token: auth.id_token.unwrap(),
-            sub,
+            access_token: signed_in.access_token,
+            id_token: signed_in.id_token,
+            sub: signed_in.sub,
         }
     }
 

@@ -271,17 +271,15 @@ pub struct SignedIn {
     pub id_token: String,
 }
 
-/// Creates `username` in `pool_id` with `attrs` (a permanent password, no invitation), signs it
-/// in through `client_id` (ADMIN_USER_PASSWORD_AUTH) and reads its `sub`.
-pub async fn sign_up(
+/// Creates `username` in `pool_id` with `attrs` (no invitation, no password: it cannot sign
+/// in) and reads its `sub`.
+pub async fn create_user(
     cognito: &aws_sdk_cognitoidentityprovider::Client,
     pool_id: &str,
-    client_id: &str,
     username: &str,
     attrs: &[(&str, &str)],
-) -> SignedIn {
-    use aws_sdk_cognitoidentityprovider::types::{AttributeType, AuthFlowType, MessageActionType};
-    const PASSWORD: &str = "Testing123!";
+) -> String {
+    use aws_sdk_cognitoidentityprovider::types::{AttributeType, MessageActionType};
     let mut create = cognito
         .admin_create_user()
         .user_pool_id(pool_id)
@@ -290,7 +288,23 @@ pub async fn sign_up(
     for (name, value) in attrs {
         create = create.user_attributes(AttributeType::builder().name(*name).value(*value).build().unwrap());
     }
-    create.send().await.unwrap();
+    create.send().await.unwrap_or_else(|e| panic!("creating Cognito user {username}: {e:?}"));
+    let got = cognito.admin_get_user().user_pool_id(pool_id).username(username).send().await.unwrap();
+    got.user_attributes().iter().find(|a| a.name() == "sub").and_then(|a| a.value()).unwrap().to_string()
+}
+
+/// Creates `username` in `pool_id` with `attrs` ([`create_user`]), gives it a permanent
+/// password, signs it in through `client_id` (ADMIN_USER_PASSWORD_AUTH) and reads its `sub`.
+pub async fn sign_up(
+    cognito: &aws_sdk_cognitoidentityprovider::Client,
+    pool_id: &str,
+    client_id: &str,
+    username: &str,
+    attrs: &[(&str, &str)],
+) -> SignedIn {
+    use aws_sdk_cognitoidentityprovider::types::AuthFlowType;
+    const PASSWORD: &str = "Testing123!";
+    let sub = create_user(cognito, pool_id, username, attrs).await;
     cognito
         .admin_set_user_password()
         .user_pool_id(pool_id)
@@ -312,8 +326,6 @@ pub async fn sign_up(
         .unwrap()
         .authentication_result
         .unwrap();
-    let got = cognito.admin_get_user().user_pool_id(pool_id).username(username).send().await.unwrap();
-    let sub = got.user_attributes().iter().find(|a| a.name() == "sub").and_then(|a| a.value()).unwrap().to_string();
     SignedIn { sub, access_token: auth.access_token.unwrap(), id_token: auth.id_token.unwrap() }
 }
 
