@@ -175,7 +175,7 @@ async fn a_list_loaded_before_the_stream_is_positioned_is_not_kept() {
     assert_eq!((code, list[0]["message"].as_str()), (200, Some("old")), "loaded before the position: {list}");
     let hits = || async {
         let text = daemon.metrics().await;
-        support::daemon::metric(&text, "cruddur_syncd_cache_requests_total", "cache=\"groups\",result=\"hit\"")
+        support::metric(&text, "cruddur_syncd_cache_requests_total", &["cache=\"groups\",result=\"hit\""])
     };
     let hits_before = hits().await;
     assert_eq!(api_get(&api, "/api/message_groups", &a.access_token).await.0, 200);
@@ -192,7 +192,7 @@ async fn a_list_loaded_before_the_stream_is_positioned_is_not_kept() {
     assert_eq!((code, list[0]["message"].as_str()), (200, Some("new")), "served once ready: {list}");
     let text = daemon.metrics().await;
     assert!(text.contains("cruddur_syncd_stream_resyncs_total"), "{text}");
-    assert_eq!(support::daemon::metric(&text, "cruddur_syncd_stream_resyncs_total", ""), 0.0, "a start is no resync");
+    assert_eq!(support::metric(&text, "cruddur_syncd_stream_resyncs_total", &[]), 0.0, "a start is no resync");
     let (code, log) = daemon.terminate().await;
     assert_eq!(code, Some(0), "{log}");
     app.stop().await;

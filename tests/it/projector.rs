@@ -25,8 +25,9 @@ use uuid::Uuid;
 
 use crate::support;
 use crate::support::app::{conversation_rows, message, App, Setup, User};
-use crate::support::daemon::{metric, Daemon};
+use crate::support::daemon::Daemon;
 use crate::support::fault_proxy::{Fault, FaultProxy, Rule};
+use crate::support::metric;
 use crate::support::{wait_until, TestDb};
 
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -515,7 +516,7 @@ impl Fleet {
 }
 
 async fn leader(d: &Daemon) -> f64 {
-    metric(&d.metrics().await, "cruddur_syncd_projector_leader", "")
+    metric(&d.metrics().await, "cruddur_syncd_projector_leader", &[])
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -570,7 +571,7 @@ async fn a_killed_leader_is_replaced_from_its_checkpoint_losing_and_doubling_not
     };
     // Kill the leader in the middle of the workload, with rows moving.
     wait_until(DEADLINE, "the first leader has moved some rows", || async {
-        metric(&first.metrics().await, "cruddur_syncd_projector_rows_moved_total", "") >= 20.0
+        metric(&first.metrics().await, "cruddur_syncd_projector_rows_moved_total", &[]) >= 20.0
     })
     .await;
     let _ = first.kill9();
@@ -608,7 +609,7 @@ async fn a_killed_leader_is_replaced_from_its_checkpoint_losing_and_doubling_not
     let all = fleet.stream_sequence_numbers().await;
     let at = all.iter().position(|s| s == resumed_after).expect("the checkpoint names a record of the stream");
     let after = (all.len() - at - 1) as f64;
-    let handled = metric(&second.metrics().await, "cruddur_syncd_projector_records_total", "");
+    let handled = metric(&second.metrics().await, "cruddur_syncd_projector_records_total", &[]);
     // Had it read the stream from the start, it would have handled all of it.
     assert!(at > 0, "the first leader saved a checkpoint before it was killed");
     assert_eq!(handled, after, "records after the checkpoint: {after}, handled by the second leader: {handled}");

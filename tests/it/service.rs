@@ -14,8 +14,9 @@ use cruddur_syncd::store::Store;
 use cruddur_syncd::tools::{self, JsonLines};
 
 use crate::support;
-use crate::support::daemon::{metric, Daemon};
+use crate::support::daemon::Daemon;
 use crate::support::fault_proxy::{Fault, FaultProxy, Rule, ANY};
+use crate::support::metric;
 use crate::support::TestDb;
 
 const GET_RECORDS: &str = "DynamoDBStreams_20120810.GetRecords";
@@ -487,7 +488,7 @@ async fn sigterm_drains_a_slow_request_and_refuses_new_connections() {
     let metrics_url = format!("{}/metrics", daemon.admin);
     support::wait_until(Duration::from_secs(10), "the request misses the groups cache", || async {
         let text = daemon.http.get(&metrics_url).send().await.unwrap().text().await.unwrap();
-        metric(&text, "cruddur_syncd_cache_requests_total", "cache=\"groups\",result=\"miss\"") >= 1.0
+        metric(&text, "cruddur_syncd_cache_requests_total", &["cache=\"groups\",result=\"miss\""]) >= 1.0
     })
     .await;
     daemon.signal("-TERM");

@@ -213,12 +213,7 @@ impl App {
 
     /// The sum of a metric's samples whose line contains every needle.
     pub async fn metric(&self, name: &str, needles: &[&str]) -> f64 {
-        self.metrics()
-            .await
-            .lines()
-            .filter(|l| l.starts_with(name) && needles.iter().all(|n| l.contains(n)))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+        super::metric(&self.metrics().await, name, needles)
     }
 
     pub fn store(&self) -> Store {

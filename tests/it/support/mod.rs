@@ -401,6 +401,15 @@ pub fn unique(prefix: &str) -> String {
     format!("{prefix}{}", &id[..12])
 }
 
+/// The sum of the samples of metric `name` in a Prometheus text exposition whose line contains
+/// every needle.
+pub fn metric(text: &str, name: &str, needles: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && needles.iter().all(|n| l.contains(n)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// Polls `check` every 20 ms until it returns true; panics naming `what` after `deadline`.
 pub async fn wait_until<F, Fut>(deadline: Duration, what: &str, mut check: F)
 where
