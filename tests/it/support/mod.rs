@@ -20,6 +20,7 @@ use sqlx::{Connection, PgConnection};
 pub mod app;
 pub mod daemon;
 pub mod fault_proxy;
+pub mod link;
 pub mod pgcluster;
 pub mod tcp_proxy;
 pub mod workload;
