@@ -106,6 +106,32 @@ async fn wait_leading(app: &App) {
     .await;
 }
 
+/// A daemon leading the projector (`extra`: more `[projector]` keys) whose DynamoDB client goes
+/// through a fault proxy, and two users, `{prefix}a` and `{prefix}b`.
+async fn leading_behind_a_proxy(extra: &str, prefix: &str) -> (FaultProxy, App, User, User) {
+    let proxy = FaultProxy::start(&support::moto_url()).await;
+    let mut setup = projector(extra);
+    setup.dynamodb_endpoint = Some(proxy.url.clone());
+    let app = App::start_with(setup).await;
+    wait_leading(&app).await;
+    let a = app.user(&format!("{prefix}a"), None, true).await;
+    let b = app.user(&format!("{prefix}b"), None, true).await;
+    (proxy, app, a, b)
+}
+
+/// A new conversation between `a` and `b` (rows at 0) whose first message, "one" at 1 s, has
+/// moved both rows.
+async fn a_conversation_moved_once(app: &App, a: &User, b: &User) -> (MessageGroupId, Message) {
+    let group = new_group();
+    for row in conversation_rows(group, sk(0), a, b, "hi") {
+        app.put_group(&row).await;
+    }
+    let m1 = message(group, sk(1_000), a, "one");
+    app.put_message(&m1).await;
+    wait_moved(&app.store(), group, &[a.uuid, b.uuid], &m1).await;
+    (group, m1)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_new_message_moves_both_rows_and_the_api_shows_it() {
     let app = App::start_with(projector("")).await;
@@ -238,21 +264,9 @@ const TRANSACT: &str = "DynamoDB_20120810.TransactWriteItems";
 async fn a_record_dynamodb_refuses_is_skipped_and_the_shard_goes_on() {
     // DynamoDB (not Streams) through a proxy that answers every TransactWriteItems with a
     // ValidationException: a refusal that no retry can cure.
-    let proxy = FaultProxy::start(&support::moto_url()).await;
-    let mut setup = projector("max_attempts = 3\n");
-    setup.dynamodb_endpoint = Some(proxy.url.clone());
-    let app = App::start_with(setup).await;
-    wait_leading(&app).await;
-    let a = app.user("fa", None, true).await;
-    let b = app.user("fb", None, true).await;
+    let (proxy, app, a, b) = leading_behind_a_proxy("max_attempts = 3\n", "f").await;
     let owners = [a.uuid, b.uuid];
-    let group = new_group();
-    for row in conversation_rows(group, sk(0), &a, &b, "hi") {
-        app.put_group(&row).await;
-    }
-    let m1 = message(group, sk(1_000), &a, "one");
-    app.put_message(&m1).await;
-    wait_moved(&app.store(), group, &owners, &m1).await;
+    let (group, m1) = a_conversation_moved_once(&app, &a, &b).await;
 
     proxy.inject(Rule::on(TRANSACT, Fault::ValidationException));
     let m2 = message(group, sk(2_000), &b, "two, never projected");
@@ -273,21 +287,9 @@ async fn a_record_dynamodb_refuses_is_skipped_and_the_shard_goes_on() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_outage_longer_than_give_up_after_delays_the_projection_but_loses_nothing() {
-    let proxy = FaultProxy::start(&support::moto_url()).await;
-    let mut setup = projector("give_up_after = \"1s\"\n");
-    setup.dynamodb_endpoint = Some(proxy.url.clone());
-    let app = App::start_with(setup).await;
-    wait_leading(&app).await;
-    let a = app.user("oa", None, true).await;
-    let b = app.user("ob", None, true).await;
+    let (proxy, app, a, b) = leading_behind_a_proxy("give_up_after = \"1s\"\n", "o").await;
     let owners = [a.uuid, b.uuid];
-    let group = new_group();
-    for row in conversation_rows(group, sk(0), &a, &b, "hi") {
-        app.put_group(&row).await;
-    }
-    let m1 = message(group, sk(1_000), &a, "one");
-    app.put_message(&m1).await;
-    wait_moved(&app.store(), group, &owners, &m1).await;
+    let (group, _) = a_conversation_moved_once(&app, &a, &b).await;
 
     // DynamoDB fails every write with a 500 for several give_up_after's.
     proxy.inject(Rule::on(TRANSACT, Fault::InternalServerError));
@@ -336,13 +338,7 @@ async fn a_stale_index_read_never_deletes_the_only_real_row() {
     // moved the rows back. The index still shows the old R(t3) (beside R(t2) for one owner).
     // A record for t3 (a replay) must not make the projector keep the phantom R(t3) and delete
     // the real R(t2): the conversation would vanish from that owner's list for good.
-    let proxy = FaultProxy::start(&support::moto_url()).await;
-    let mut setup = projector("");
-    setup.dynamodb_endpoint = Some(proxy.url.clone());
-    let app = App::start_with(setup).await;
-    wait_leading(&app).await;
-    let a = app.user("sa", None, true).await;
-    let b = app.user("sb", None, true).await;
+    let (proxy, app, a, b) = leading_behind_a_proxy("", "s").await;
     let owners = [a.uuid, b.uuid];
     let group = new_group();
     let at_t2 = conversation_rows(group, sk(2_000), &a, &b, "two");
@@ -375,13 +371,7 @@ async fn a_stale_index_read_never_deletes_the_only_real_row() {
 async fn an_index_behind_the_table_is_waited_for() {
     // The index returns nothing for a conversation whose rows the table already has (index
     // lag): not "no rows", but "not yet".
-    let proxy = FaultProxy::start(&support::moto_url()).await;
-    let mut setup = projector("");
-    setup.dynamodb_endpoint = Some(proxy.url.clone());
-    let app = App::start_with(setup).await;
-    wait_leading(&app).await;
-    let a = app.user("la", None, true).await;
-    let b = app.user("lb", None, true).await;
+    let (proxy, app, a, b) = leading_behind_a_proxy("", "l").await;
     let owners = [a.uuid, b.uuid];
     let group = new_group();
     for row in conversation_rows(group, sk(0), &a, &b, "hi") {
