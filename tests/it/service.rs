@@ -50,8 +50,11 @@ impl Fixture {
         let table = support::unique("svc-");
         let path = support::write_config(dir.path(), &moto, &table, &db.url, &pool_id, &client_id);
         let mut doc: toml::Table = std::fs::read_to_string(&path).unwrap().parse().unwrap();
-        merge(&mut doc, "[stream]\npoll_interval = \"100ms\"\nshard_sync_interval = \"2s\"\n[log]\nlevel = \"info\"\n");
-        merge(&mut doc, extra);
+        support::merge_config(
+            &mut doc,
+            "[stream]\npoll_interval = \"100ms\"\nshard_sync_interval = \"2s\"\n[log]\nlevel = \"info\"\n",
+        );
+        support::merge_config(&mut doc, extra);
         std::fs::write(&path, toml::to_string(&doc).unwrap()).unwrap();
         let loaded = config::load(&path).unwrap();
         let store = Store::new(support::ddb_client(&sdk), table, moto.clone());
@@ -75,23 +78,13 @@ impl Fixture {
     /// The base config with `extra` merged in, as TOML text.
     fn variant(&self, extra: &str) -> String {
         let mut doc = self.base.clone();
-        merge(&mut doc, extra);
+        support::merge_config(&mut doc, extra);
         toml::to_string(&doc).unwrap()
     }
 
     async fn finish(mut self) {
         if let Some(db) = self.db.take() {
             db.drop_db().await;
-        }
-    }
-}
-
-fn merge(doc: &mut toml::Table, extra: &str) {
-    let extra: toml::Table = extra.parse().unwrap();
-    for (section, keys) in extra {
-        let target = doc.entry(section).or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        if let (Some(target), toml::Value::Table(keys)) = (target.as_table_mut(), keys) {
-            target.extend(keys);
         }
     }
 }

@@ -109,15 +109,8 @@ impl App {
             }
         }
         text.push_str("\n[stream]\npoll_interval = \"100ms\"\nshard_sync_interval = \"2s\"\n");
-        // Merge the test's sections key by key into the base file.
         let mut doc: toml::Table = text.parse().unwrap();
-        let extra: toml::Table = setup.extra_config.parse().unwrap();
-        for (section, keys) in extra {
-            let target = doc.entry(section).or_insert_with(|| toml::Value::Table(toml::Table::new()));
-            if let (Some(target), toml::Value::Table(keys)) = (target.as_table_mut(), keys) {
-                target.extend(keys);
-            }
-        }
+        super::merge_config(&mut doc, &setup.extra_config);
         std::fs::write(&path, toml::to_string(&doc).unwrap()).unwrap();
         let loaded = config::load(&path).unwrap();
 

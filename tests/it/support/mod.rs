@@ -472,6 +472,18 @@ listen = "127.0.0.1:0"
     path
 }
 
+/// Merges the sections of the TOML text `extra` into `doc` key by key: a key of `extra`
+/// replaces the same key of `doc`, the section's other keys stay.
+pub fn merge_config(doc: &mut toml::Table, extra: &str) {
+    let extra: toml::Table = extra.parse().unwrap();
+    for (section, keys) in extra {
+        let target = doc.entry(section).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        if let (Some(target), toml::Value::Table(keys)) = (target.as_table_mut(), keys) {
+            target.extend(keys);
+        }
+    }
+}
+
 /// The daemon binary, isolated from the developer's environment: no RUST_LOG, no config path,
 /// no `CRUDDUR_SYNCD__*` overrides, no colours in captured output.
 pub fn bin() -> Command {
