@@ -1,7 +1,6 @@
 //! A whole daemon in-process against the shared moto and its own PostgreSQL database, with
 //! Cognito users that have real tokens, and the truth of SPEC section 2 read from DynamoDB.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -20,7 +19,6 @@ pub struct User {
     pub handle: String,
     pub access_token: String,
     pub id_token: String,
-    pub sub: String,
 }
 
 pub struct App {
@@ -176,13 +174,7 @@ impl App {
             .await
             .unwrap();
         }
-        User {
-            uuid,
-            handle: handle.to_string(),
-            access_token: signed_in.access_token,
-            id_token: signed_in.id_token,
-            sub: signed_in.sub,
-        }
+        User { uuid, handle: handle.to_string(), access_token: signed_in.access_token, id_token: signed_in.id_token }
     }
 
     pub async fn get(&self, path: &str, token: &str) -> reqwest::Response {
@@ -233,11 +225,6 @@ impl App {
     /// Every item of a list route across its pages, in the route's order ([`ApiClient::all_pages`]).
     pub async fn all_pages(&self, first: &str, token: &str) -> Vec<serde_json::Value> {
         self.api_client().all_pages(first, token).await
-    }
-
-    /// Every page of a list route, as served.
-    pub async fn pages(&self, first: &str, token: &str) -> Vec<Vec<serde_json::Value>> {
-        self.api_client().pages(first, token).await
     }
 
     pub async fn put_group(&self, g: &MessageGroup) {
@@ -319,6 +306,3 @@ pub fn flask_render(entries: &[ApiEntry]) -> Vec<u8> {
     assert!(out.status.success());
     out.stdout
 }
-
-#[allow(dead_code)]
-pub type Truth = HashMap<MessageGroupId, Vec<Message>>;

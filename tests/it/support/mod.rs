@@ -1,9 +1,7 @@
-//! Helpers shared by the integration tests (`crate::support` in every module of `tests/it`).
+//! Helpers shared by the integration tests (`crate::support` in the modules of `tests/it`).
 //!
 //! Tests start what they need: moto comes from the project's venv (`scripts/venv`), PostgreSQL
 //! is the server on 127.0.0.1:5432 (`scripts/ensure-postgres`), one database per test.
-// Each test binary uses a different subset of these helpers.
-#![allow(dead_code)]
 
 use std::fs::File;
 use std::future::Future;
@@ -79,15 +77,6 @@ impl MotoServer {
         url_for(self.port)
     }
 
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-
-    /// Where moto's output goes (kept when the test panics).
-    pub fn log_path(&self) -> &Path {
-        &self.log
-    }
-
     /// Stops the server; its port is free when this returns. Idempotent.
     pub fn kill(&mut self) {
         if let Some(mut wrapper) = self.wrapper.take() {
@@ -111,14 +100,6 @@ impl Drop for MotoServer {
             let _ = std::fs::remove_file(&self.log);
         }
     }
-}
-
-/// `POST /moto-api/reset`: wipes every table, stream and user pool of that server.
-pub async fn reset_moto(url: &str) {
-    let client = reqwest::Client::builder().no_proxy().build().expect("building a reqwest client");
-    let endpoint = format!("{url}/moto-api/reset");
-    let resp = client.post(&endpoint).send().await.unwrap_or_else(|e| panic!("POST {endpoint}: {e}"));
-    assert!(resp.status().is_success(), "POST {endpoint} answered {}", resp.status());
 }
 
 fn url_for(port: u16) -> String {

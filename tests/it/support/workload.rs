@@ -57,11 +57,6 @@ impl ApiClient {
         Ok(out)
     }
 
-    /// Every page of a list route, as served (each must be a 200).
-    pub async fn pages(&self, first: &str, token: &str) -> Vec<Vec<serde_json::Value>> {
-        self.try_pages(first, token).await.unwrap_or_else(|e| panic!("{e}"))
-    }
-
     /// Every item of a list route, following `Link: rel="next"`, in the route's order across
     /// pages: conversations newest first; messages oldest first (each page is oldest first
     /// and pages go back in time, so they are put together in reverse).
