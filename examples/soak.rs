@@ -28,12 +28,15 @@ use clap::Parser;
 use cruddur_syncd::config::Config;
 use cruddur_syncd::model::{conversation_list, Message, MessageGroup, MessageGroupId, MessageId, Sk, UserUuid};
 use cruddur_syncd::store::Store;
+use link::next_link;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use support::{ms, next_link, quantile, rss_bytes, AnyResult};
+use support::{ms, quantile, rss_bytes, AnyResult};
 use tokio::sync::{Mutex, Semaphore};
 use uuid::Uuid;
 
+#[path = "../tests/it/support/link.rs"]
+mod link;
 mod support;
 
 #[derive(Parser, Debug)]

@@ -1,5 +1,5 @@
 //! What each fuzz target checks, shared by the cargo-fuzz targets (`fuzz/fuzz_targets/`) and by
-//! `tests/fuzz_regressions.rs`, which replays every kept input (`tests/fixtures/fuzz/<target>/`)
+//! `tests/it/fuzz_regressions.rs`, which replays every kept input (`tests/fixtures/fuzz/<target>/`)
 //! in the normal test suite. A check returns normally for any input the code handles correctly
 //! and panics, naming the property, when it does not.
 //!

@@ -1,5 +1,4 @@
 //! Pieces shared by the examples that drive a running daemon (`bench`, `soak`).
-#![allow(dead_code)] // each example uses its own subset
 
 use std::time::Duration;
 
@@ -35,10 +34,4 @@ pub fn quantile(sorted: &[Duration], p: f64) -> Duration {
 
 pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
-}
-
-/// The path of a `Link: <path>; rel="next"` header, if any.
-pub fn next_link(headers: &reqwest::header::HeaderMap) -> Option<String> {
-    let v = headers.get(reqwest::header::LINK)?.to_str().ok()?;
-    v.strip_prefix('<')?.split_once(">; rel=\"next\"").map(|(u, _)| u.to_string())
 }

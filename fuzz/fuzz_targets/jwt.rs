@@ -1,5 +1,5 @@
 //! Fuzz target `jwt`: the checks live in `fuzz/checks.rs`, shared with the regression test
-//! `tests/fuzz_regressions.rs` that replays every kept input.
+//! `tests/it/fuzz_regressions.rs` that replays every kept input.
 #![no_main]
 
 #[path = "../checks.rs"]

@@ -108,8 +108,7 @@ impl Daemon {
     }
 
     pub async fn reloads(&self, result: &str) -> f64 {
-        let text = self.http.get(format!("{}/metrics", self.admin)).send().await.unwrap().text().await.unwrap();
-        metric(&text, "cruddur_syncd_config_reloads_total", &format!("result=\"{result}\""))
+        super::metric(&self.metrics().await, "cruddur_syncd_config_reloads_total", &[&format!("result=\"{result}\"")])
     }
 
     pub async fn wait_reloads(&self, result: &str, n: f64) {
@@ -166,12 +165,4 @@ impl Drop for Daemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// The sum of a metric's samples whose line contains `needle`.
-pub fn metric(text: &str, name: &str, needle: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && l.contains(needle))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }

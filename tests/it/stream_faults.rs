@@ -3,8 +3,6 @@
 //! These run on tokio's paused clock: the fake answers at once, so time only moves when every
 //! task waits, which makes pacing and backoff countable instead of timing-dependent.
 
-mod support;
-
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,11 +17,12 @@ use cruddur_syncd::stream::tailer::TurnBounds;
 use cruddur_syncd::stream::{
     Change, FreshStart, GapReason, Progress, SavedPositions, ShardId, StartPlan, Tailer, TailerState, TailerStatus,
 };
-use support::{wait_until, RecordingSink, SinkEvent};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
+
+use crate::support::{wait_until, RecordingSink, SinkEvent};
 
 const DEADLINE: Duration = Duration::from_secs(20);
 

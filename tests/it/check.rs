@@ -1,13 +1,12 @@
 //! `cruddur-syncd check` against a healthy local stack and with each dependency down.
 
-mod support;
-
 use std::net::TcpListener;
 use std::path::Path;
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use support::TestDb;
+use crate::support;
+use crate::support::TestDb;
 
 /// A healthy stack: table with stream, Cognito pool, users table.
 async fn healthy(dir: &Path) -> (std::path::PathBuf, TestDb) {

@@ -3,21 +3,21 @@
 //! Everything runs against the real moto and PostgreSQL; slowness and hangs are made for real
 //! with the fault-injecting HTTP proxy (`support::fault_proxy`) in front of moto.
 
-mod support;
-
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use aws_sdk_cognitoidentityprovider::types::{AuthFlowType, MessageActionType};
 use cruddur_syncd::config;
 use cruddur_syncd::model::{MessageGroup, MessageGroupId, Sk, UserUuid};
 use cruddur_syncd::store::Store;
 use cruddur_syncd::tools::{self, JsonLines};
-use support::daemon::{metric, Daemon};
-use support::fault_proxy::{Fault, FaultProxy, Rule, ANY};
-use support::TestDb;
+
+use crate::support;
+use crate::support::daemon::Daemon;
+use crate::support::fault_proxy::{Fault, FaultProxy, Rule, ANY};
+use crate::support::metric;
+use crate::support::TestDb;
 
 const GET_RECORDS: &str = "DynamoDBStreams_20120810.GetRecords";
 
@@ -50,8 +50,11 @@ impl Fixture {
         let table = support::unique("svc-");
         let path = support::write_config(dir.path(), &moto, &table, &db.url, &pool_id, &client_id);
         let mut doc: toml::Table = std::fs::read_to_string(&path).unwrap().parse().unwrap();
-        merge(&mut doc, "[stream]\npoll_interval = \"100ms\"\nshard_sync_interval = \"2s\"\n[log]\nlevel = \"info\"\n");
-        merge(&mut doc, extra);
+        support::merge_config(
+            &mut doc,
+            "[stream]\npoll_interval = \"100ms\"\nshard_sync_interval = \"2s\"\n[log]\nlevel = \"info\"\n",
+        );
+        support::merge_config(&mut doc, extra);
         std::fs::write(&path, toml::to_string(&doc).unwrap()).unwrap();
         let loaded = config::load(&path).unwrap();
         let store = Store::new(support::ddb_client(&sdk), table, moto.clone());
@@ -59,69 +62,29 @@ impl Fixture {
 
         // One user with a token and a users row, so that API requests go all the way through.
         let handle = "svcuser";
-        cognito
-            .admin_create_user()
-            .user_pool_id(&pool_id)
-            .username(handle)
-            .message_action(MessageActionType::Suppress)
-            .send()
-            .await
-            .unwrap();
-        cognito
-            .admin_set_user_password()
-            .user_pool_id(&pool_id)
-            .username(handle)
-            .password("Testing123!")
-            .permanent(true)
-            .send()
-            .await
-            .unwrap();
-        let auth = cognito
-            .admin_initiate_auth()
-            .user_pool_id(&pool_id)
-            .client_id(&client_id)
-            .auth_flow(AuthFlowType::AdminUserPasswordAuth)
-            .auth_parameters("USERNAME", handle)
-            .auth_parameters("PASSWORD", "Testing123!")
-            .send()
-            .await
-            .unwrap()
-            .authentication_result
-            .unwrap();
-        let got = cognito.admin_get_user().user_pool_id(&pool_id).username(handle).send().await.unwrap();
-        let sub = got.user_attributes().iter().find(|a| a.name() == "sub").and_then(|a| a.value()).unwrap().to_string();
+        let signed_in = support::sign_up(&cognito, &pool_id, &client_id, handle, &[]).await;
         let user = uuid::Uuid::new_v4();
         sqlx::query("INSERT INTO public.users (uuid, display_name, handle, email, cognito_user_id) VALUES ($1, 'S', $2, 's@example.com', $3)")
             .bind(user)
             .bind(handle)
-            .bind(&sub)
+            .bind(&signed_in.sub)
             .execute(&pg)
             .await
             .unwrap();
         pg.close().await;
-        Fixture { dir, config: path, base: doc, token: auth.access_token.unwrap(), user, store, db: Some(db) }
+        Fixture { dir, config: path, base: doc, token: signed_in.access_token, user, store, db: Some(db) }
     }
 
     /// The base config with `extra` merged in, as TOML text.
     fn variant(&self, extra: &str) -> String {
         let mut doc = self.base.clone();
-        merge(&mut doc, extra);
+        support::merge_config(&mut doc, extra);
         toml::to_string(&doc).unwrap()
     }
 
     async fn finish(mut self) {
         if let Some(db) = self.db.take() {
             db.drop_db().await;
-        }
-    }
-}
-
-fn merge(doc: &mut toml::Table, extra: &str) {
-    let extra: toml::Table = extra.parse().unwrap();
-    for (section, keys) in extra {
-        let target = doc.entry(section).or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        if let (Some(target), toml::Value::Table(keys)) = (target.as_table_mut(), keys) {
-            target.extend(keys);
         }
     }
 }
@@ -518,7 +481,7 @@ async fn sigterm_drains_a_slow_request_and_refuses_new_connections() {
     let metrics_url = format!("{}/metrics", daemon.admin);
     support::wait_until(Duration::from_secs(10), "the request misses the groups cache", || async {
         let text = daemon.http.get(&metrics_url).send().await.unwrap().text().await.unwrap();
-        metric(&text, "cruddur_syncd_cache_requests_total", "cache=\"groups\",result=\"miss\"") >= 1.0
+        metric(&text, "cruddur_syncd_cache_requests_total", &["cache=\"groups\",result=\"miss\""]) >= 1.0
     })
     .await;
     daemon.signal("-TERM");

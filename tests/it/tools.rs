@@ -1,7 +1,5 @@
 //! The operator tools against a real moto server and a real PostgreSQL.
 
-mod support;
-
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::process::Output;
@@ -12,7 +10,9 @@ use aws_sdk_dynamodb::types::{
     AttributeDefinition, BillingMode, KeySchemaElement, KeyType, PutRequest, ScalarAttributeType, WriteRequest,
 };
 use serde_json::Value;
-use support::TestDb;
+
+use crate::support;
+use crate::support::TestDb;
 
 struct Env {
     _dir: tempfile::TempDir,

@@ -2,7 +2,7 @@
 //! input that once found a bug) through the same checks the cargo-fuzz targets run
 //! (`fuzz/checks.rs`), so a fixed crash stays fixed without a nightly toolchain.
 
-#[path = "../fuzz/checks.rs"]
+#[path = "../../fuzz/checks.rs"]
 mod checks;
 
 use std::path::PathBuf;

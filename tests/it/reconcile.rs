@@ -1,15 +1,12 @@
 //! Reconciliation (SPEC section 7) against a real moto Cognito and a real PostgreSQL: every test
 //! has its own user pool and its own database (or its own throwaway cluster).
 
-mod support;
-
 use std::collections::HashMap;
 use std::process::Output;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use aws_sdk_cognitoidentityprovider::types::{AttributeType, MessageActionType};
 use aws_sdk_cognitoidentityprovider::Client;
 use cruddur_syncd::config::{MatchOn, ReconcileConfig};
 use cruddur_syncd::error::Error;
@@ -19,10 +16,12 @@ use futures::{FutureExt, StreamExt};
 use serde_json::Value;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgPool};
-use support::app::{App, Setup};
-use support::pgcluster::PgCluster;
-use support::TestDb;
 use tokio::sync::Notify;
+
+use crate::support;
+use crate::support::app::{App, Setup};
+use crate::support::pgcluster::PgCluster;
+use crate::support::TestDb;
 
 const DEADLINE: Duration = Duration::from_secs(15);
 
@@ -34,18 +33,6 @@ async fn cognito() -> (String, Client) {
 
 async fn new_pool(client: &Client) -> String {
     client.create_user_pool().pool_name(support::unique("rec-")).send().await.unwrap().user_pool.unwrap().id.unwrap()
-}
-
-/// Creates a Cognito user with `attrs` and returns its sub.
-async fn cognito_user(client: &Client, pool_id: &str, username: &str, attrs: &[(&str, &str)]) -> String {
-    let mut req =
-        client.admin_create_user().user_pool_id(pool_id).username(username).message_action(MessageActionType::Suppress);
-    for (k, v) in attrs {
-        req = req.user_attributes(AttributeType::builder().name(*k).value(*v).build().unwrap());
-    }
-    req.send().await.unwrap_or_else(|e| panic!("creating Cognito user {username}: {e:?}"));
-    let got = client.admin_get_user().user_pool_id(pool_id).username(username).send().await.unwrap();
-    got.user_attributes().iter().find(|a| a.name() == "sub").and_then(|a| a.value()).unwrap().to_string()
 }
 
 async fn schema(pg: &PgPool) {
@@ -116,7 +103,7 @@ async fn five_hundred_users_over_many_pages_are_mapped_then_unchanged() {
         .map(|h| {
             let (client, pool_id) = (client.clone(), pool_id.clone());
             async move {
-                let sub = cognito_user(&client, &pool_id, &h, &[("preferred_username", &h)]).await;
+                let sub = support::create_user(&client, &pool_id, &h, &[("preferred_username", &h)]).await;
                 (h, sub)
             }
         })
@@ -158,14 +145,14 @@ async fn every_outcome_is_counted_named_and_conflicts_are_not_written() {
     let (moto, client) = cognito().await;
     let pool_id = new_pool(&client).await;
     let pu = |h: &'static str| [("preferred_username", h)];
-    let alice = cognito_user(&client, &pool_id, "alice", &pu("alice")).await;
-    let bob = cognito_user(&client, &pool_id, "bob", &pu("bob")).await;
-    cognito_user(&client, &pool_id, "carol", &pu("carol")).await;
-    cognito_user(&client, &pool_id, "dave", &[("email", "dave@example.com")]).await;
-    cognito_user(&client, &pool_id, "erin1", &pu("erin")).await;
-    cognito_user(&client, &pool_id, "erin2", &pu("erin")).await;
-    cognito_user(&client, &pool_id, "frank", &pu("frank")).await;
-    let gina = cognito_user(&client, &pool_id, "gina", &pu("gina")).await;
+    let alice = support::create_user(&client, &pool_id, "alice", &pu("alice")).await;
+    let bob = support::create_user(&client, &pool_id, "bob", &pu("bob")).await;
+    support::create_user(&client, &pool_id, "carol", &pu("carol")).await;
+    support::create_user(&client, &pool_id, "dave", &[("email", "dave@example.com")]).await;
+    support::create_user(&client, &pool_id, "erin1", &pu("erin")).await;
+    support::create_user(&client, &pool_id, "erin2", &pu("erin")).await;
+    support::create_user(&client, &pool_id, "frank", &pu("frank")).await;
+    let gina = support::create_user(&client, &pool_id, "gina", &pu("gina")).await;
 
     let db = TestDb::create().await;
     let pg = PgPool::connect(&db.url).await.unwrap();
@@ -221,8 +208,8 @@ async fn every_outcome_is_counted_named_and_conflicts_are_not_written() {
 async fn dry_run_writes_nothing_but_reports_what_it_would_write() {
     let (moto, client) = cognito().await;
     let pool_id = new_pool(&client).await;
-    let alice = cognito_user(&client, &pool_id, "alice", &[("preferred_username", "alice")]).await;
-    let gina = cognito_user(&client, &pool_id, "gina", &[("preferred_username", "gina")]).await;
+    let alice = support::create_user(&client, &pool_id, "alice", &[("preferred_username", "alice")]).await;
+    let gina = support::create_user(&client, &pool_id, "gina", &[("preferred_username", "gina")]).await;
     let db = TestDb::create().await;
     let pg = PgPool::connect(&db.url).await.unwrap();
     schema(&pg).await;
@@ -255,7 +242,7 @@ async fn concurrent_runs_one_is_skipped_and_the_result_is_correct() {
     let pool_id = new_pool(&client).await;
     let mut subs = HashMap::new();
     for h in ["ann", "ben", "cat"] {
-        subs.insert(h.to_string(), cognito_user(&client, &pool_id, h, &[("preferred_username", h)]).await);
+        subs.insert(h.to_string(), support::create_user(&client, &pool_id, h, &[("preferred_username", h)]).await);
     }
     let db = TestDb::create().await;
     let pg = PgPool::connect(&db.url).await.unwrap();
@@ -307,8 +294,8 @@ async fn concurrent_runs_one_is_skipped_and_the_result_is_correct() {
 async fn postgres_stopped_mid_run_writes_nothing_and_the_next_run_succeeds() {
     let (moto, client) = cognito().await;
     let pool_id = new_pool(&client).await;
-    let ann = cognito_user(&client, &pool_id, "ann", &[("preferred_username", "ann")]).await;
-    let ben = cognito_user(&client, &pool_id, "ben", &[("preferred_username", "ben")]).await;
+    let ann = support::create_user(&client, &pool_id, "ann", &[("preferred_username", "ann")]).await;
+    let ben = support::create_user(&client, &pool_id, "ben", &[("preferred_username", "ben")]).await;
 
     let cluster = tokio::task::spawn_blocking(PgCluster::start).await.unwrap();
     let url = cluster.url("postgres");
@@ -358,9 +345,10 @@ async fn match_on_email() {
     let pool_id = new_pool(&client).await;
     // preferred_username deliberately disagrees with the handle: only email may match.
     let ann =
-        cognito_user(&client, &pool_id, "ann", &[("email", "ann@example.com"), ("preferred_username", "nope")]).await;
-    cognito_user(&client, &pool_id, "ben", &[("preferred_username", "ben")]).await;
-    cognito_user(&client, &pool_id, "cat", &[("email", "cat@example.com")]).await;
+        support::create_user(&client, &pool_id, "ann", &[("email", "ann@example.com"), ("preferred_username", "nope")])
+            .await;
+    support::create_user(&client, &pool_id, "ben", &[("preferred_username", "ben")]).await;
+    support::create_user(&client, &pool_id, "cat", &[("email", "cat@example.com")]).await;
     let db = TestDb::create().await;
     let pg = PgPool::connect(&db.url).await.unwrap();
     schema(&pg).await;
@@ -383,7 +371,7 @@ async fn match_on_email() {
 async fn a_users_table_without_the_column_stops_the_run_naming_table_and_column() {
     let (moto, client) = cognito().await;
     let pool_id = new_pool(&client).await;
-    cognito_user(&client, &pool_id, "ann", &[("preferred_username", "ann"), ("email", "ann@x")]).await;
+    support::create_user(&client, &pool_id, "ann", &[("preferred_username", "ann"), ("email", "ann@x")]).await;
     let db = TestDb::create().await;
     let pg = PgPool::connect(&db.url).await.unwrap();
     let r = reconciler(&client, &moto, &pool_id, &db.url);
@@ -440,8 +428,8 @@ fn run_cli(config: &std::path::Path, args: &[&str]) -> Output {
 async fn cli_prints_the_report_and_exits_by_outcome() {
     let (moto, client) = cognito().await;
     let pool_id = new_pool(&client).await;
-    let ann = cognito_user(&client, &pool_id, "ann", &[("preferred_username", "ann")]).await;
-    cognito_user(&client, &pool_id, "zed", &[("preferred_username", "zed")]).await;
+    let ann = support::create_user(&client, &pool_id, "ann", &[("preferred_username", "ann")]).await;
+    support::create_user(&client, &pool_id, "zed", &[("preferred_username", "zed")]).await;
     let db = TestDb::create().await;
     let pg = PgPool::connect(&db.url).await.unwrap();
     schema(&pg).await;
@@ -569,7 +557,7 @@ async fn a_sub_already_on_another_row_is_a_conflict_and_the_mapping_that_works_s
     // API serves such a sub to nobody.
     let (moto, client) = cognito().await;
     let pool_id = new_pool(&client).await;
-    let alice = cognito_user(&client, &pool_id, "alice", &[("preferred_username", "alice_new")]).await;
+    let alice = support::create_user(&client, &pool_id, "alice", &[("preferred_username", "alice_new")]).await;
     let db = TestDb::create().await;
     let pg = PgPool::connect(&db.url).await.unwrap();
     schema(&pg).await;
@@ -698,7 +686,7 @@ async fn a_sub_on_a_row_without_a_name_is_still_a_conflict() {
     // A schema of another app: matched on email, the handle column may be NULL.
     let (moto, client) = cognito().await;
     let pool_id = new_pool(&client).await;
-    let bea = cognito_user(&client, &pool_id, "bea", &[("email", "bea@x")]).await;
+    let bea = support::create_user(&client, &pool_id, "bea", &[("email", "bea@x")]).await;
     let db = TestDb::create().await;
     let pg = PgPool::connect(&db.url).await.unwrap();
     sqlx::raw_sql(

@@ -1,9 +1,7 @@
-//! Helpers shared by the integration tests (`mod support;` in each test file).
+//! Helpers shared by the integration tests (`crate::support` in the modules of `tests/it`).
 //!
 //! Tests start what they need: moto comes from the project's venv (`scripts/venv`), PostgreSQL
 //! is the server on 127.0.0.1:5432 (`scripts/ensure-postgres`), one database per test.
-// Each test binary uses a different subset of these helpers.
-#![allow(dead_code)]
 
 use std::fs::File;
 use std::future::Future;
@@ -20,6 +18,7 @@ use sqlx::{Connection, PgConnection};
 pub mod app;
 pub mod daemon;
 pub mod fault_proxy;
+pub mod link;
 pub mod pgcluster;
 pub mod tcp_proxy;
 pub mod workload;
@@ -78,15 +77,6 @@ impl MotoServer {
         url_for(self.port)
     }
 
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-
-    /// Where moto's output goes (kept when the test panics).
-    pub fn log_path(&self) -> &Path {
-        &self.log
-    }
-
     /// Stops the server; its port is free when this returns. Idempotent.
     pub fn kill(&mut self) {
         if let Some(mut wrapper) = self.wrapper.take() {
@@ -110,14 +100,6 @@ impl Drop for MotoServer {
             let _ = std::fs::remove_file(&self.log);
         }
     }
-}
-
-/// `POST /moto-api/reset`: wipes every table, stream and user pool of that server.
-pub async fn reset_moto(url: &str) {
-    let client = reqwest::Client::builder().no_proxy().build().expect("building a reqwest client");
-    let endpoint = format!("{url}/moto-api/reset");
-    let resp = client.post(&endpoint).send().await.unwrap_or_else(|e| panic!("POST {endpoint}: {e}"));
-    assert!(resp.status().is_success(), "POST {endpoint} answered {}", resp.status());
 }
 
 fn url_for(port: u16) -> String {
@@ -271,17 +253,15 @@ pub struct SignedIn {
     pub id_token: String,
 }
 
-/// Creates `username` in `pool_id` with `attrs` (a permanent password, no invitation), signs it
-/// in through `client_id` (ADMIN_USER_PASSWORD_AUTH) and reads its `sub`.
-pub async fn sign_up(
+/// Creates `username` in `pool_id` with `attrs` (no invitation, no password: it cannot sign
+/// in) and reads its `sub`.
+pub async fn create_user(
     cognito: &aws_sdk_cognitoidentityprovider::Client,
     pool_id: &str,
-    client_id: &str,
     username: &str,
     attrs: &[(&str, &str)],
-) -> SignedIn {
-    use aws_sdk_cognitoidentityprovider::types::{AttributeType, AuthFlowType, MessageActionType};
-    const PASSWORD: &str = "Testing123!";
+) -> String {
+    use aws_sdk_cognitoidentityprovider::types::{AttributeType, MessageActionType};
     let mut create = cognito
         .admin_create_user()
         .user_pool_id(pool_id)
@@ -290,7 +270,23 @@ pub async fn sign_up(
     for (name, value) in attrs {
         create = create.user_attributes(AttributeType::builder().name(*name).value(*value).build().unwrap());
     }
-    create.send().await.unwrap();
+    create.send().await.unwrap_or_else(|e| panic!("creating Cognito user {username}: {e:?}"));
+    let got = cognito.admin_get_user().user_pool_id(pool_id).username(username).send().await.unwrap();
+    got.user_attributes().iter().find(|a| a.name() == "sub").and_then(|a| a.value()).unwrap().to_string()
+}
+
+/// Creates `username` in `pool_id` with `attrs` ([`create_user`]), gives it a permanent
+/// password, signs it in through `client_id` (ADMIN_USER_PASSWORD_AUTH) and reads its `sub`.
+pub async fn sign_up(
+    cognito: &aws_sdk_cognitoidentityprovider::Client,
+    pool_id: &str,
+    client_id: &str,
+    username: &str,
+    attrs: &[(&str, &str)],
+) -> SignedIn {
+    use aws_sdk_cognitoidentityprovider::types::AuthFlowType;
+    const PASSWORD: &str = "Testing123!";
+    let sub = create_user(cognito, pool_id, username, attrs).await;
     cognito
         .admin_set_user_password()
         .user_pool_id(pool_id)
@@ -312,8 +308,6 @@ pub async fn sign_up(
         .unwrap()
         .authentication_result
         .unwrap();
-    let got = cognito.admin_get_user().user_pool_id(pool_id).username(username).send().await.unwrap();
-    let sub = got.user_attributes().iter().find(|a| a.name() == "sub").and_then(|a| a.value()).unwrap().to_string();
     SignedIn { sub, access_token: auth.access_token.unwrap(), id_token: auth.id_token.unwrap() }
 }
 
@@ -389,6 +383,15 @@ pub fn unique(prefix: &str) -> String {
     format!("{prefix}{}", &id[..12])
 }
 
+/// The sum of the samples of metric `name` in a Prometheus text exposition whose line contains
+/// every needle.
+pub fn metric(text: &str, name: &str, needles: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && needles.iter().all(|n| l.contains(n)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// Polls `check` every 20 ms until it returns true; panics naming `what` after `deadline`.
 pub async fn wait_until<F, Fut>(deadline: Duration, what: &str, mut check: F)
 where
@@ -448,6 +451,18 @@ listen = "127.0.0.1:0"
     let path = dir.join("config.toml");
     std::fs::write(&path, text).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
     path
+}
+
+/// Merges the sections of the TOML text `extra` into `doc` key by key: a key of `extra`
+/// replaces the same key of `doc`, the section's other keys stay.
+pub fn merge_config(doc: &mut toml::Table, extra: &str) {
+    let extra: toml::Table = extra.parse().unwrap();
+    for (section, keys) in extra {
+        let target = doc.entry(section).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        if let (Some(target), toml::Value::Table(keys)) = (target.as_table_mut(), keys) {
+            target.extend(keys);
+        }
+    }
 }
 
 /// The daemon binary, isolated from the developer's environment: no RUST_LOG, no config path,

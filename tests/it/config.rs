@@ -1,12 +1,12 @@
 //! Configuration: parsing, env overrides, and every validation error, through the library and
 //! through the binary (exit code 78, one line per problem naming the key).
 
-mod support;
-
 use std::path::Path;
 use std::time::Duration;
 
 use cruddur_syncd::config::{load_from_str, ConfigError, LoadedConfig, Source};
+
+use crate::support;
 
 const VALID: &str = r#"
 [aws]

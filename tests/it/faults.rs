@@ -9,20 +9,20 @@
 //! restarted empty, a throwaway PostgreSQL cluster stopped, and a fault-injecting HTTP proxy
 //! (`support::fault_proxy`) between the daemon and moto.
 
-mod support;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cruddur_syncd::model::{MessageGroupId, Sk};
 use cruddur_syncd::store::Store;
 use serde_json::Value;
-use support::app::{conversation_rows, App, Setup};
-use support::daemon::Daemon;
-use support::fault_proxy::{Fault, FaultProxy, Rule, ANY};
-use support::pgcluster::PgCluster;
-use support::wait_until;
-use support::workload::{converge, ApiClient, Cast, Readers, Workload};
+
+use crate::support;
+use crate::support::app::{conversation_rows, App, Setup};
+use crate::support::daemon::Daemon;
+use crate::support::fault_proxy::{Fault, FaultProxy, Rule, ANY};
+use crate::support::pgcluster::PgCluster;
+use crate::support::wait_until;
+use crate::support::workload::{converge, ApiClient, Cast, Readers, Workload};
 
 /// Long enough for a loaded 2-core machine; the stream normally drains in well under a second.
 const CONVERGE: Duration = Duration::from_secs(60);
@@ -175,7 +175,7 @@ async fn a_list_loaded_before_the_stream_is_positioned_is_not_kept() {
     assert_eq!((code, list[0]["message"].as_str()), (200, Some("old")), "loaded before the position: {list}");
     let hits = || async {
         let text = daemon.metrics().await;
-        support::daemon::metric(&text, "cruddur_syncd_cache_requests_total", "cache=\"groups\",result=\"hit\"")
+        support::metric(&text, "cruddur_syncd_cache_requests_total", &["cache=\"groups\",result=\"hit\""])
     };
     let hits_before = hits().await;
     assert_eq!(api_get(&api, "/api/message_groups", &a.access_token).await.0, 200);
@@ -192,7 +192,7 @@ async fn a_list_loaded_before_the_stream_is_positioned_is_not_kept() {
     assert_eq!((code, list[0]["message"].as_str()), (200, Some("new")), "served once ready: {list}");
     let text = daemon.metrics().await;
     assert!(text.contains("cruddur_syncd_stream_resyncs_total"), "{text}");
-    assert_eq!(support::daemon::metric(&text, "cruddur_syncd_stream_resyncs_total", ""), 0.0, "a start is no resync");
+    assert_eq!(support::metric(&text, "cruddur_syncd_stream_resyncs_total", &[]), 0.0, "a start is no resync");
     let (code, log) = daemon.terminate().await;
     assert_eq!(code, Some(0), "{log}");
     app.stop().await;

@@ -1,8 +1,6 @@
 //! The HTTP API end to end: a daemon in-process, real moto (DynamoDB, Streams, Cognito tokens),
 //! real PostgreSQL, real HTTP on a random port.
 
-mod support;
-
 use std::time::Duration;
 
 use chrono::{TimeZone, Utc};
@@ -10,10 +8,12 @@ use cruddur_syncd::demo;
 use cruddur_syncd::model::{ApiEntry, Message, MessageGroup, MessageGroupId, Sk};
 use cruddur_syncd::tools::{self, JsonLines};
 use serde_json::Value;
-use support::app::{flask_render, App, Setup};
-use support::fault_proxy::FaultProxy;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use uuid::Uuid;
+
+use crate::support;
+use crate::support::app::{flask_render, App, Setup, User};
+use crate::support::fault_proxy::FaultProxy;
 
 const DEADLINE: Duration = Duration::from_secs(15);
 
@@ -21,19 +21,32 @@ fn sk_at(secs: i64) -> Sk {
     Sk::from_instant(Utc.timestamp_opt(1_700_000_000 + secs, 0).unwrap())
 }
 
-fn message(group: MessageGroupId, secs: i64, sender: &support::app::User, text: &str) -> Message {
+fn message(group: MessageGroupId, secs: i64, sender: &User, text: &str) -> Message {
     support::app::message(group, sk_at(secs), sender, text)
 }
 
 /// Both rows of a conversation between `a` and `b`, at `secs`, saying `text`.
-fn group_rows(
-    group: MessageGroupId,
-    secs: i64,
-    a: &support::app::User,
-    b: &support::app::User,
-    text: &str,
-) -> [MessageGroup; 2] {
+fn group_rows(group: MessageGroupId, secs: i64, a: &User, b: &User, text: &str) -> [MessageGroup; 2] {
     support::app::conversation_rows(group, sk_at(secs), a, b, text)
+}
+
+/// A daemon whose DynamoDB client goes through a fault proxy (`extra_config` appended to its
+/// config), alice and bob, and a conversation between them (both rows at 10 s, saying `text`).
+async fn alice_and_bob_behind_a_proxy(extra_config: &str, text: &str) -> (FaultProxy, App, User, User, MessageGroupId) {
+    let proxy = FaultProxy::start(&support::moto_url()).await;
+    let app = App::start_with(Setup {
+        dynamodb_endpoint: Some(proxy.url.clone()),
+        extra_config: extra_config.into(),
+        ..Setup::default()
+    })
+    .await;
+    let a = app.user("alice", None, true).await;
+    let b = app.user("bob", None, true).await;
+    let group = MessageGroupId(Uuid::new_v4());
+    for row in group_rows(group, 10, &a, &b, text) {
+        app.put_group(&row).await;
+    }
+    (proxy, app, a, b, group)
 }
 
 #[tokio::test]
@@ -286,15 +299,7 @@ async fn writes_reach_the_api_for_cached_and_uncached_keys() {
 
 #[tokio::test]
 async fn a_write_during_a_slow_load_wins() {
-    let moto = support::moto_url();
-    let proxy = FaultProxy::start(&moto).await;
-    let app = App::start_with(Setup { dynamodb_endpoint: Some(proxy.url.clone()), ..Setup::default() }).await;
-    let a = app.user("alice", None, true).await;
-    let b = app.user("bob", None, true).await;
-    let group = MessageGroupId(Uuid::new_v4());
-    for row in group_rows(group, 10, &a, &b, "old") {
-        app.put_group(&row).await;
-    }
+    let (proxy, app, a, b, group) = alice_and_bob_behind_a_proxy("", "old").await;
     // Every DynamoDB answer to the daemon now takes 1.5 s: its load of alice's list reads the
     // old row, then waits; meanwhile the row moves and the stream (direct to moto) delivers it.
     proxy.set_delay(Duration::from_millis(1500));
@@ -326,20 +331,8 @@ async fn a_write_during_a_slow_load_wins() {
 #[tokio::test]
 async fn misses_queued_behind_a_load_a_flush_overtook_share_one_reload() {
     const QUERY: &str = "DynamoDB_20120810.Query";
-    let proxy = FaultProxy::start(&support::moto_url()).await;
     // Each load takes 3 s, and the second waits for the first: requests get 20 s.
-    let app = App::start_with(Setup {
-        dynamodb_endpoint: Some(proxy.url.clone()),
-        extra_config: "[http]\nrequest_timeout = \"20s\"\n".into(),
-        ..Setup::default()
-    })
-    .await;
-    let a = app.user("alice", None, true).await;
-    let b = app.user("bob", None, true).await;
-    let group = MessageGroupId(Uuid::new_v4());
-    for row in group_rows(group, 10, &a, &b, "hello") {
-        app.put_group(&row).await;
-    }
+    let (proxy, app, a, _, _) = alice_and_bob_behind_a_proxy("[http]\nrequest_timeout = \"20s\"\n", "hello").await;
     let misses = || app.metric("cruddur_syncd_cache_requests_total", &["cache=\"groups\"", "result=\"miss\""]);
     let misses_before = misses().await;
     proxy.set_delay(Duration::from_secs(3));
@@ -485,15 +478,7 @@ async fn readiness_metrics_and_graceful_stop() {
 
 #[tokio::test]
 async fn dynamodb_down_misses_are_503_and_hits_are_still_served() {
-    let moto = support::moto_url();
-    let proxy = FaultProxy::start(&moto).await;
-    let app = App::start_with(Setup { dynamodb_endpoint: Some(proxy.url.clone()), ..Setup::default() }).await;
-    let a = app.user("alice", None, true).await;
-    let b = app.user("bob", None, true).await;
-    let group = MessageGroupId(Uuid::new_v4());
-    for row in group_rows(group, 10, &a, &b, "hi") {
-        app.put_group(&row).await;
-    }
+    let (proxy, app, a, b, _) = alice_and_bob_behind_a_proxy("", "hi").await;
     assert_eq!(app.get("/api/message_groups", &a.access_token).await.status(), 200);
     // Every connection is closed, pooled ones at their next request.
     proxy.set_down(true);

@@ -1,14 +1,11 @@
 //! Cognito JWT verification against tokens minted by moto's Cognito, and against tokens signed
 //! here with moto's own private key (claims moto would never issue: expired, wrong issuer...).
 
-mod support;
-
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use aws_sdk_cognitoidentityprovider::types::{AuthFlowType, MessageActionType};
 use base64::Engine as _;
 use cruddur_syncd::config::{AuthConfig, TokenUse};
 use cruddur_syncd::http::auth::{AuthError, Authenticator};
@@ -17,9 +14,11 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::support;
+
 const MOTO_KID: &str = "dummy";
-const OTHER_PEM: &[u8] = include_bytes!("fixtures/test-rsa.pem");
-const OTHER_JWKS: &str = include_str!("fixtures/test-rsa-jwks.json");
+const OTHER_PEM: &[u8] = include_bytes!("../fixtures/test-rsa.pem");
+const OTHER_JWKS: &str = include_str!("../fixtures/test-rsa-jwks.json");
 const OTHER_KID: &str = "test-key";
 
 // ---------------------------------------------------------------------------------------------
@@ -40,39 +39,8 @@ async fn pool() -> Pool {
     let cognito = support::cognito_client(&support::sdk_config(&moto).await);
     let pool_id = support::create_pool(&cognito, "auth-").await;
     let client_id = support::create_app_client(&cognito, &pool_id, "syncd-auth-test").await;
-    let (username, password) = ("andrew", "Passw0rd!-long-enough");
-    cognito
-        .admin_create_user()
-        .user_pool_id(&pool_id)
-        .username(username)
-        .message_action(MessageActionType::Suppress)
-        .send()
-        .await
-        .unwrap();
-    cognito
-        .admin_set_user_password()
-        .user_pool_id(&pool_id)
-        .username(username)
-        .password(password)
-        .permanent(true)
-        .send()
-        .await
-        .unwrap();
-    let user = cognito.admin_get_user().user_pool_id(&pool_id).username(username).send().await.unwrap();
-    let sub = user.user_attributes().iter().find(|a| a.name() == "sub").and_then(|a| a.value()).unwrap().to_string();
-    let auth = cognito
-        .admin_initiate_auth()
-        .user_pool_id(&pool_id)
-        .client_id(&client_id)
-        .auth_flow(AuthFlowType::AdminUserPasswordAuth)
-        .auth_parameters("USERNAME", username)
-        .auth_parameters("PASSWORD", password)
-        .send()
-        .await
-        .unwrap()
-        .authentication_result
-        .unwrap();
-    Pool { moto, pool_id, client_id, sub, access: auth.access_token.unwrap(), id: auth.id_token.unwrap() }
+    let user = support::sign_up(&cognito, &pool_id, &client_id, "andrew", &[]).await;
+    Pool { moto, pool_id, client_id, sub: user.sub, access: user.access_token, id: user.id_token }
 }
 
 impl Pool {

@@ -3,7 +3,6 @@
 //! result is on the wire, the client has not seen it yet).
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -13,7 +12,6 @@ use tokio::sync::watch;
 pub struct TcpProxy {
     pub addr: SocketAddr,
     hold: watch::Sender<bool>,
-    held: Arc<AtomicU64>,
     /// Every byte held so far (for [`TcpProxy::held_contains`]).
     held_log: Arc<std::sync::Mutex<Vec<u8>>>,
 }
@@ -24,9 +22,8 @@ impl TcpProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let hold = watch::channel(false).0;
-        let held = Arc::new(AtomicU64::new(0));
         let held_log = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (hold_rx, held_in, log_in) = (hold.subscribe(), held.clone(), held_log.clone());
+        let (hold_rx, log_in) = (hold.subscribe(), held_log.clone());
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let Ok(server) = TcpStream::connect(upstream).await else { continue };
@@ -36,7 +33,7 @@ impl TcpProxy {
                     let _ = tokio::io::copy(&mut client_r, &mut server_w).await;
                     let _ = server_w.shutdown().await;
                 });
-                let (mut hold, held, log) = (hold_rx.clone(), held_in.clone(), log_in.clone());
+                let (mut hold, log) = (hold_rx.clone(), log_in.clone());
                 tokio::spawn(async move {
                     let mut buf = vec![0u8; 64 * 1024];
                     loop {
@@ -46,13 +43,11 @@ impl TcpProxy {
                         };
                         if *hold.borrow_and_update() {
                             log.lock().unwrap().extend_from_slice(&buf[..n]);
-                            held.fetch_add(n as u64, Ordering::SeqCst);
                             while *hold.borrow_and_update() {
                                 if hold.changed().await.is_err() {
                                     return;
                                 }
                             }
-                            held.fetch_sub(n as u64, Ordering::SeqCst);
                         }
                         if client_w.write_all(&buf[..n]).await.is_err() {
                             break;
@@ -62,17 +57,12 @@ impl TcpProxy {
                 });
             }
         });
-        TcpProxy { addr, hold, held, held_log }
+        TcpProxy { addr, hold, held_log }
     }
 
-    /// While on, bytes from the server are held (and counted in [`TcpProxy::held`]).
+    /// While on, bytes from the server are held (and logged for [`TcpProxy::held_contains`]).
     pub fn hold_responses(&self, on: bool) {
         self.hold.send_replace(on);
-    }
-
-    /// Bytes from the server read and not yet passed on.
-    pub fn held(&self) -> u64 {
-        self.held.load(Ordering::SeqCst)
     }
 
     /// Whether anything held since the start contains `needle` (on a connection without TLS,

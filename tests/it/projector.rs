@@ -12,8 +12,6 @@
 //! A row's key is its owner and its time, so two conversations of one user never share a time
 //! here (their rows would be one item); every conversation gets times of its own.
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -23,11 +21,14 @@ use cruddur_syncd::demo;
 use cruddur_syncd::model::{Message, MessageGroup, MessageGroupId, MessageId, Pk, Sk, UserUuid};
 use cruddur_syncd::store::Store;
 use cruddur_syncd::tools::{self, JsonLines};
-use support::app::{conversation_rows, message, App, Setup, User};
-use support::daemon::{metric, Daemon};
-use support::fault_proxy::{Fault, FaultProxy, Rule};
-use support::{wait_until, TestDb};
 use uuid::Uuid;
+
+use crate::support;
+use crate::support::app::{conversation_rows, message, App, Setup, User};
+use crate::support::daemon::Daemon;
+use crate::support::fault_proxy::{Fault, FaultProxy, Rule};
+use crate::support::metric;
+use crate::support::{wait_until, TestDb};
 
 const DEADLINE: Duration = Duration::from_secs(30);
 /// Two daemon processes and a workload on a machine shared with other tests: room, not speed.
@@ -103,6 +104,32 @@ async fn wait_leading(app: &App) {
         app.metric("cruddur_syncd_projector_leader", &[]).await == 1.0
     })
     .await;
+}
+
+/// A daemon leading the projector (`extra`: more `[projector]` keys) whose DynamoDB client goes
+/// through a fault proxy, and two users, `{prefix}a` and `{prefix}b`.
+async fn leading_behind_a_proxy(extra: &str, prefix: &str) -> (FaultProxy, App, User, User) {
+    let proxy = FaultProxy::start(&support::moto_url()).await;
+    let mut setup = projector(extra);
+    setup.dynamodb_endpoint = Some(proxy.url.clone());
+    let app = App::start_with(setup).await;
+    wait_leading(&app).await;
+    let a = app.user(&format!("{prefix}a"), None, true).await;
+    let b = app.user(&format!("{prefix}b"), None, true).await;
+    (proxy, app, a, b)
+}
+
+/// A new conversation between `a` and `b` (rows at 0) whose first message, "one" at 1 s, has
+/// moved both rows.
+async fn a_conversation_moved_once(app: &App, a: &User, b: &User) -> (MessageGroupId, Message) {
+    let group = new_group();
+    for row in conversation_rows(group, sk(0), a, b, "hi") {
+        app.put_group(&row).await;
+    }
+    let m1 = message(group, sk(1_000), a, "one");
+    app.put_message(&m1).await;
+    wait_moved(&app.store(), group, &[a.uuid, b.uuid], &m1).await;
+    (group, m1)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -237,21 +264,9 @@ const TRANSACT: &str = "DynamoDB_20120810.TransactWriteItems";
 async fn a_record_dynamodb_refuses_is_skipped_and_the_shard_goes_on() {
     // DynamoDB (not Streams) through a proxy that answers every TransactWriteItems with a
     // ValidationException: a refusal that no retry can cure.
-    let proxy = FaultProxy::start(&support::moto_url()).await;
-    let mut setup = projector("max_attempts = 3\n");
-    setup.dynamodb_endpoint = Some(proxy.url.clone());
-    let app = App::start_with(setup).await;
-    wait_leading(&app).await;
-    let a = app.user("fa", None, true).await;
-    let b = app.user("fb", None, true).await;
+    let (proxy, app, a, b) = leading_behind_a_proxy("max_attempts = 3\n", "f").await;
     let owners = [a.uuid, b.uuid];
-    let group = new_group();
-    for row in conversation_rows(group, sk(0), &a, &b, "hi") {
-        app.put_group(&row).await;
-    }
-    let m1 = message(group, sk(1_000), &a, "one");
-    app.put_message(&m1).await;
-    wait_moved(&app.store(), group, &owners, &m1).await;
+    let (group, m1) = a_conversation_moved_once(&app, &a, &b).await;
 
     proxy.inject(Rule::on(TRANSACT, Fault::ValidationException));
     let m2 = message(group, sk(2_000), &b, "two, never projected");
@@ -272,21 +287,9 @@ async fn a_record_dynamodb_refuses_is_skipped_and_the_shard_goes_on() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_outage_longer_than_give_up_after_delays_the_projection_but_loses_nothing() {
-    let proxy = FaultProxy::start(&support::moto_url()).await;
-    let mut setup = projector("give_up_after = \"1s\"\n");
-    setup.dynamodb_endpoint = Some(proxy.url.clone());
-    let app = App::start_with(setup).await;
-    wait_leading(&app).await;
-    let a = app.user("oa", None, true).await;
-    let b = app.user("ob", None, true).await;
+    let (proxy, app, a, b) = leading_behind_a_proxy("give_up_after = \"1s\"\n", "o").await;
     let owners = [a.uuid, b.uuid];
-    let group = new_group();
-    for row in conversation_rows(group, sk(0), &a, &b, "hi") {
-        app.put_group(&row).await;
-    }
-    let m1 = message(group, sk(1_000), &a, "one");
-    app.put_message(&m1).await;
-    wait_moved(&app.store(), group, &owners, &m1).await;
+    let (group, _) = a_conversation_moved_once(&app, &a, &b).await;
 
     // DynamoDB fails every write with a 500 for several give_up_after's.
     proxy.inject(Rule::on(TRANSACT, Fault::InternalServerError));
@@ -339,13 +342,7 @@ async fn a_stale_index_read_never_deletes_the_only_real_row() {
     // moved the rows back. The index still shows the old R(t3) (beside R(t2) for one owner).
     // A record for t3 (a replay) must not make the projector keep the phantom R(t3) and delete
     // the real R(t2): the conversation would vanish from that owner's list for good.
-    let proxy = FaultProxy::start(&support::moto_url()).await;
-    let mut setup = projector("");
-    setup.dynamodb_endpoint = Some(proxy.url.clone());
-    let app = App::start_with(setup).await;
-    wait_leading(&app).await;
-    let a = app.user("sa", None, true).await;
-    let b = app.user("sb", None, true).await;
+    let (proxy, app, a, b) = leading_behind_a_proxy("", "s").await;
     let owners = [a.uuid, b.uuid];
     let group = new_group();
     let at_t2 = conversation_rows(group, sk(2_000), &a, &b, "two");
@@ -375,15 +372,9 @@ async fn a_stale_index_read_never_deletes_the_only_real_row() {
 }
 
 /// A projector whose DynamoDB goes through a fault proxy, leading, with a conversation between
-/// two users whose rows are in the table and projected up to a first message.
+/// two users whose rows are in the table and every record before it handled.
 async fn lagging_index_scene(prefix: &str) -> (FaultProxy, App, [User; 2], MessageGroupId) {
-    let proxy = FaultProxy::start(&support::moto_url()).await;
-    let mut setup = projector("");
-    setup.dynamodb_endpoint = Some(proxy.url.clone());
-    let app = App::start_with(setup).await;
-    wait_leading(&app).await;
-    let a = app.user(&format!("{prefix}a"), None, true).await;
-    let b = app.user(&format!("{prefix}b"), None, true).await;
+    let (proxy, app, a, b) = leading_behind_a_proxy("", prefix).await;
     let group = new_group();
     for row in conversation_rows(group, sk(0), &a, &b, "hi") {
         app.put_group(&row).await;
@@ -541,7 +532,7 @@ impl Fleet {
 }
 
 async fn leader(d: &Daemon) -> f64 {
-    metric(&d.metrics().await, "cruddur_syncd_projector_leader", "")
+    metric(&d.metrics().await, "cruddur_syncd_projector_leader", &[])
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -596,7 +587,7 @@ async fn a_killed_leader_is_replaced_from_its_checkpoint_losing_and_doubling_not
     };
     // Kill the leader in the middle of the workload, with rows moving.
     wait_until(DEADLINE, "the first leader has moved some rows", || async {
-        metric(&first.metrics().await, "cruddur_syncd_projector_rows_moved_total", "") >= 20.0
+        metric(&first.metrics().await, "cruddur_syncd_projector_rows_moved_total", &[]) >= 20.0
     })
     .await;
     let _ = first.kill9();
@@ -634,7 +625,7 @@ async fn a_killed_leader_is_replaced_from_its_checkpoint_losing_and_doubling_not
     let all = fleet.stream_sequence_numbers().await;
     let at = all.iter().position(|s| s == resumed_after).expect("the checkpoint names a record of the stream");
     let after = (all.len() - at - 1) as f64;
-    let handled = metric(&second.metrics().await, "cruddur_syncd_projector_records_total", "");
+    let handled = metric(&second.metrics().await, "cruddur_syncd_projector_records_total", &[]);
     // Had it read the stream from the start, it would have handled all of it.
     assert!(at > 0, "the first leader saved a checkpoint before it was killed");
     assert_eq!(handled, after, "records after the checkpoint: {after}, handled by the second leader: {handled}");

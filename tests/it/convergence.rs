@@ -1,15 +1,13 @@
 //! SPEC section 8's convergence guarantee under a concurrent random workload: 2,000 writes over
 //! 50 conversations of 20 users while readers hammer the API; once writes stop and the stream
 //! drains, every user's conversations and every conversation's messages equal DynamoDB.
-//! The fault tests (tests/faults.rs) end with the same check.
-
-mod support;
+//! The fault tests (tests/it/faults.rs) end with the same check.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use support::app::App;
-use support::workload::{converge, Cast, Readers, Workload};
+use crate::support::app::App;
+use crate::support::workload::{converge, Cast, Readers, Workload};
 
 const USERS: usize = 20;
 const GROUPS: usize = 50;

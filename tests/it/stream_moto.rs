@@ -4,8 +4,6 @@
 //! yield two INSERTs and a write that changes nothing yields a MODIFY, so tests compare each
 //! item's sequence of changes with consecutive repeats collapsed, never exact counts.
 
-mod support;
-
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,11 +17,13 @@ use cruddur_syncd::config::StreamConfig;
 use cruddur_syncd::metrics::{Metrics, SkipLabels};
 use cruddur_syncd::model::{Item, ItemKey, Message, MessageGroup, MessageGroupId, MessageId, Sk, UserUuid};
 use cruddur_syncd::stream::{AwsSource, Change, ChangeRecord, Tailer, TailerStatus};
-use support::{wait_until, RecordingSink};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
+
+use crate::support;
+use crate::support::{wait_until, RecordingSink};
 
 const DEADLINE: Duration = Duration::from_secs(30);
 

@@ -21,6 +21,7 @@ use tokio::sync::Mutex;
 use uuid::Uuid;
 
 use super::app::{conversation_rows, entries_json, message, App, User};
+use super::link::next_link;
 
 /// The API as a client sees it: a base URL and a connection pool.
 #[derive(Clone)]
@@ -49,20 +50,11 @@ impl ApiClient {
             if res.status() != 200 {
                 return Err(format!("{path}: {}", res.status()));
             }
-            next = res
-                .headers()
-                .get("link")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix('<')?.split_once(">; rel=\"next\"").map(|(u, _)| u.to_string()));
+            next = next_link(res.headers());
             let page: Vec<serde_json::Value> = res.json().await.unwrap();
             out.push(page);
         }
         Ok(out)
-    }
-
-    /// Every page of a list route, as served (each must be a 200).
-    pub async fn pages(&self, first: &str, token: &str) -> Vec<Vec<serde_json::Value>> {
-        self.try_pages(first, token).await.unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Every item of a list route, following `Link: rel="next"`, in the route's order across

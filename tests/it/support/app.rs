@@ -1,11 +1,9 @@
 //! A whole daemon in-process against the shared moto and its own PostgreSQL database, with
 //! Cognito users that have real tokens, and the truth of SPEC section 2 read from DynamoDB.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use aws_sdk_cognitoidentityprovider::types::{AttributeType, AuthFlowType, MessageActionType};
 use aws_sdk_dynamodb::types::AttributeValue as V;
 use cruddur_syncd::config::{self, LoadedConfig};
 use cruddur_syncd::daemon::{self, Running};
@@ -21,7 +19,6 @@ pub struct User {
     pub handle: String,
     pub access_token: String,
     pub id_token: String,
-    pub sub: String,
 }
 
 pub struct App {
@@ -110,15 +107,8 @@ impl App {
             }
         }
         text.push_str("\n[stream]\npoll_interval = \"100ms\"\nshard_sync_interval = \"2s\"\n");
-        // Merge the test's sections key by key into the base file.
         let mut doc: toml::Table = text.parse().unwrap();
-        let extra: toml::Table = setup.extra_config.parse().unwrap();
-        for (section, keys) in extra {
-            let target = doc.entry(section).or_insert_with(|| toml::Value::Table(toml::Table::new()));
-            if let (Some(target), toml::Value::Table(keys)) = (target.as_table_mut(), keys) {
-                target.extend(keys);
-            }
-        }
+        super::merge_config(&mut doc, &setup.extra_config);
         std::fs::write(&path, toml::to_string(&doc).unwrap()).unwrap();
         let loaded = config::load(&path).unwrap();
 
@@ -167,41 +157,9 @@ impl App {
 
     /// A Cognito user with real tokens and, when `provisioned`, a `users` row mapped to its sub.
     pub async fn user(&self, handle: &str, uuid: Option<UserUuid>, provisioned: bool) -> User {
-        let attr = |k: &str, v: &str| AttributeType::builder().name(k).value(v).build().unwrap();
-        self.cognito
-            .admin_create_user()
-            .user_pool_id(&self.pool_id)
-            .username(handle)
-            .user_attributes(attr("preferred_username", handle))
-            .user_attributes(attr("email", &format!("{handle}@example.com")))
-            .message_action(MessageActionType::Suppress)
-            .send()
-            .await
-            .unwrap();
-        self.cognito
-            .admin_set_user_password()
-            .user_pool_id(&self.pool_id)
-            .username(handle)
-            .password("Testing123!")
-            .permanent(true)
-            .send()
-            .await
-            .unwrap();
-        let auth = self
-            .cognito
-            .admin_initiate_auth()
-            .user_pool_id(&self.pool_id)
-            .client_id(&self.client_id)
-            .auth_flow(AuthFlowType::AdminUserPasswordAuth)
-            .auth_parameters("USERNAME", handle)
-            .auth_parameters("PASSWORD", "Testing123!")
-            .send()
-            .await
-            .unwrap()
-            .authentication_result
-            .unwrap();
-        let got = self.cognito.admin_get_user().user_pool_id(&self.pool_id).username(handle).send().await.unwrap();
-        let sub = got.user_attributes().iter().find(|a| a.name() == "sub").and_then(|a| a.value()).unwrap().to_string();
+        let email = format!("{handle}@example.com");
+        let attrs = [("preferred_username", handle), ("email", email.as_str())];
+        let signed_in = super::sign_up(&self.cognito, &self.pool_id, &self.client_id, handle, &attrs).await;
         let uuid = uuid.unwrap_or_else(|| UserUuid(uuid::Uuid::new_v4()));
         if provisioned {
             sqlx::query(
@@ -211,18 +169,12 @@ impl App {
             .bind(format!("Display {handle}"))
             .bind(handle)
             .bind(format!("{handle}@example.com"))
-            .bind(&sub)
+            .bind(&signed_in.sub)
             .execute(&self.pg)
             .await
             .unwrap();
         }
-        User {
-            uuid,
-            handle: handle.to_string(),
-            access_token: auth.access_token.unwrap(),
-            id_token: auth.id_token.unwrap(),
-            sub,
-        }
+        User { uuid, handle: handle.to_string(), access_token: signed_in.access_token, id_token: signed_in.id_token }
     }
 
     pub async fn get(&self, path: &str, token: &str) -> reqwest::Response {
@@ -246,12 +198,7 @@ impl App {
 
     /// The sum of a metric's samples whose line contains every needle.
     pub async fn metric(&self, name: &str, needles: &[&str]) -> f64 {
-        self.metrics()
-            .await
-            .lines()
-            .filter(|l| l.starts_with(name) && needles.iter().all(|n| l.contains(n)))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+        super::metric(&self.metrics().await, name, needles)
     }
 
     pub fn store(&self) -> Store {
@@ -278,11 +225,6 @@ impl App {
     /// Every item of a list route across its pages, in the route's order ([`ApiClient::all_pages`]).
     pub async fn all_pages(&self, first: &str, token: &str) -> Vec<serde_json::Value> {
         self.api_client().all_pages(first, token).await
-    }
-
-    /// Every page of a list route, as served.
-    pub async fn pages(&self, first: &str, token: &str) -> Vec<Vec<serde_json::Value>> {
-        self.api_client().pages(first, token).await
     }
 
     pub async fn put_group(&self, g: &MessageGroup) {
@@ -364,6 +306,3 @@ pub fn flask_render(entries: &[ApiEntry]) -> Vec<u8> {
     assert!(out.status.success());
     out.stdout
 }
-
-#[allow(dead_code)]
-pub type Truth = HashMap<MessageGroupId, Vec<Message>>;
