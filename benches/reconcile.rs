@@ -1,5 +1,5 @@
 //! The PostgreSQL phase of reconciliation, set-based, against the Flask script's row-by-row way,
-//! in one run on the same data (issue 5, point 9). No Cognito: 100,000 (sub, handle) pairs are
+//! in one run on the same data. No Cognito: 100,000 (sub, handle) pairs are
 //! "already listed".
 //!
 //! 1. A database of its own on the local server (`BENCH_PG_ADMIN_URL`, default

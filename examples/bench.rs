@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use chrono::Utc;
-use cruddur_syncd::cache::{Cache, Users};
+use cruddur_syncd::cache::scripted::{ScriptedStore, ScriptedUsers};
+use cruddur_syncd::cache::Cache;
 use cruddur_syncd::config::CacheConfig;
 use cruddur_syncd::metrics::Metrics;
 use cruddur_syncd::model::{Message, MessageGroup, MessageGroupId, MessageId, Sk, UserUuid};
@@ -209,20 +210,14 @@ async fn freshness(cfg_path: &str, token: &str, group: Uuid, rate: u64, secs: u6
 /// The groups cache holding `n` users' lists of 5 conversations each, filled through the same
 /// entry path a load takes.
 async fn memory(n: usize) -> AnyResult<()> {
-    let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .region("us-east-1")
-        .endpoint_url("http://127.0.0.1:1")
-        .test_credentials()
-        .load()
-        .await;
-    let store = Store::new(aws_sdk_dynamodb::Client::new(&sdk), "unused", "http://127.0.0.1:1");
-    let pool = sqlx::postgres::PgPoolOptions::new().connect_lazy("postgres://127.0.0.1:1/unused")?;
+    // Nothing is loaded: every entry is primed, so the in-process store and directory are
+    // never read.
     let cfg = CacheConfig { max_bytes: 8 << 30, ..CacheConfig::default() };
     let cache = Arc::new(Cache::new(
         &cfg,
         Duration::from_secs(5),
-        store,
-        Users { pool, target: "unused".into() },
+        Arc::new(ScriptedStore::new()),
+        Arc::new(ScriptedUsers::new()),
         Arc::new(Metrics::new()),
     ));
     let before = rss_bytes("self");

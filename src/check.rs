@@ -4,13 +4,15 @@ use std::future::Future;
 use std::io::Write;
 use std::time::{Duration, Instant};
 
+use crate::aws::errors::code as sdk_code;
+use crate::aws::from_sdk;
 use crate::aws::Clients;
 use crate::config::LoadedConfig;
-use crate::error::{from_sdk, sdk_code, Error, Result};
+use crate::error::{Error, Result};
 use crate::pg;
 
 /// Every probe gives up after this, so `check` never hangs on a black-holed address.
-pub const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone)]
 pub struct Probe {

@@ -24,27 +24,27 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::cache::{Cache, Users};
+use crate::cache::Cache;
 use crate::config::LoadedConfig;
 use crate::error::{Error, Result};
-use crate::http::admin::{AdminState, PgHealth};
+use crate::health::{self as health, PgHealth};
+use crate::heartbeat::Heartbeat;
+use crate::http::admin::AdminState;
 use crate::http::api::{ApiOptions, ApiState};
 use crate::http::auth::{AuthSlot, Authenticator};
-use crate::http::{self, Heartbeat, ServeOptions};
+use crate::http::{self, ServeOptions};
 use crate::metrics::Metrics;
 use crate::projector::Projector;
 use crate::reconcile::{self, Reconciler};
 use crate::reload::Live;
 use crate::store::Store;
 use crate::stream::aws_source::AwsSource;
-use crate::stream::tailer::{Tailer, TailerStatus, TurnBounds};
-use crate::{aws, pg, reload, service};
+use crate::stream::{Tailer, TailerStatus, TurnBounds};
+use crate::{aws, pg, reload, systemd};
 
-/// How often PostgreSQL is pinged for readiness (SPEC: it must have answered within 30 s).
-const PG_PING_INTERVAL: Duration = Duration::from_secs(10);
 /// How long stopping waits for the background tasks after the API drained; past it they are
 /// abandoned (the process exits around them).
-pub const STOP_DEADLINE: Duration = Duration::from_secs(5);
+pub(crate) const STOP_DEADLINE: Duration = Duration::from_secs(5);
 
 /// A started daemon: where it listens, and the handle to stop it.
 pub struct Running {
@@ -87,8 +87,8 @@ pub async fn start(loaded: &LoadedConfig) -> Result<Running> {
     let store = Store::new(clients.dynamodb.clone(), cfg.dynamodb.table.clone(), clients.endpoints.dynamodb.clone());
     // Misses give up before the request timeout so that a hung dependency is a 503, not a 408.
     let load_timeout = cfg.http.request_timeout.mul_f64(0.8);
-    let users = Users { pool: pool.clone(), target: target.clone() };
-    let cache = Arc::new(Cache::new(&cfg.cache, load_timeout, store, users, metrics.clone()));
+    let users = Arc::new(pg::PgUsers { pool: pool.clone(), target: target.clone() });
+    let cache = Arc::new(Cache::new(&cfg.cache, load_timeout, Arc::new(store), users, metrics.clone()));
 
     let api_listener = bind("http.listen", cfg.http.listen).await?;
     let admin_listener = bind("admin.listen", cfg.admin.listen).await?;
@@ -127,7 +127,7 @@ pub async fn start(loaded: &LoadedConfig) -> Result<Running> {
         .with_bounds(bounds);
     let stream_status = tailer.status();
     tasks.spawn(tailer.run(cache.clone(), background.child_token()));
-    tasks.spawn(ping_postgres(pool, target, pg_health.clone(), background.child_token()));
+    tasks.spawn(health::ping_postgres(pool, target, pg_health.clone(), background.child_token()));
     // Always spawned: with `enabled = false` it only waits for a reload that turns it on.
     let reconciler = Reconciler::new(
         clients.cognito.clone(),
@@ -144,7 +144,7 @@ pub async fn start(loaded: &LoadedConfig) -> Result<Running> {
     let api_state =
         Arc::new(ApiState::new(cache.clone(), auth.clone(), metrics.clone(), &cfg.http.cors_allowed_origins));
     let api = http::api::router(api_state.clone(), &ApiOptions { request_timeout: cfg.http.request_timeout });
-    let api_heartbeat = Arc::new(Heartbeat::default());
+    let api_heartbeat = Arc::new(Heartbeat::new());
     api_task.spawn(http::serve_with_heartbeat(
         api_listener,
         api,
@@ -203,8 +203,8 @@ impl Running {
     }
 
     /// What the systemd supervisor watches.
-    pub fn probes(&self) -> service::Probes {
-        service::Probes {
+    pub(crate) fn probes(&self) -> health::Probes {
+        health::Probes {
             stream: self.stream_status.clone(),
             api: self.api_heartbeat.clone(),
             cache: self.cache.clone(),
@@ -223,9 +223,9 @@ pub async fn run(loaded: LoadedConfig) -> Result<()> {
     let running = start(&loaded).await?;
     let supervisor = CancellationToken::new();
     reload::spawn(loaded.path.clone(), running.live.clone(), hup, supervisor.clone());
-    tokio::spawn(service::supervise(running.probes(), supervisor.clone()));
+    tokio::spawn(systemd::supervise(running.probes(), supervisor.clone()));
     signal.await;
-    service::stopping();
+    systemd::stopping();
     supervisor.cancel();
     tracing::info!("shutdown requested; draining");
     running.stop().await;
@@ -241,32 +241,8 @@ fn local_addr(key: &str, l: &TcpListener) -> Result<SocketAddr> {
     l.local_addr().map_err(|e| Error::Failed(format!("cannot read the address of {key}: {e}")))
 }
 
-async fn ping_postgres(pool: sqlx::PgPool, target: String, health: Arc<PgHealth>, stop: CancellationToken) {
-    let mut was_ok = true;
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(PG_PING_INTERVAL) => {}
-        }
-        let ping = tokio::time::timeout(Duration::from_secs(5), sqlx::query("SELECT 1").execute(&pool)).await;
-        let ok = matches!(ping, Ok(Ok(_)));
-        if ok {
-            health.record_ok();
-        }
-        // One line per change of state, not one per ping.
-        if ok != was_ok {
-            if ok {
-                tracing::info!(postgres = %target, "PostgreSQL answers again");
-            } else {
-                tracing::warn!(postgres = %target, "PostgreSQL does not answer");
-            }
-            was_ok = ok;
-        }
-    }
-}
-
 /// Watches SIGTERM and SIGINT from now on; the future resolves on the first of them.
-pub fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>> {
+pub(crate) fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).map_err(|e| Error::Failed(format!("cannot watch SIGTERM: {e}")))?;
     let mut int = signal(SignalKind::interrupt()).map_err(|e| Error::Failed(format!("cannot watch SIGINT: {e}")))?;

@@ -146,7 +146,7 @@ pub const CONVERSATION: &[&str] = &[
 ];
 
 /// The demo messages, the newest at `now` and one minute apart going back.
-pub fn messages(now: DateTime<Utc>) -> Vec<Message> {
+pub(crate) fn messages(now: DateTime<Utc>) -> Vec<Message> {
     let users = users();
     let n = CONVERSATION.len();
     CONVERSATION
@@ -168,7 +168,7 @@ pub fn messages(now: DateTime<Utc>) -> Vec<Message> {
 }
 
 /// One group row per participant, naming the other one, at the newest message.
-pub fn groups(messages: &[Message]) -> Vec<MessageGroup> {
+pub(crate) fn groups(messages: &[Message]) -> Vec<MessageGroup> {
     let users = users();
     let Some(last) = messages.last() else {
         return Vec::new();

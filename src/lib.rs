@@ -28,10 +28,13 @@
 pub mod aws;
 pub mod cache;
 pub mod check;
+pub mod cognito;
 pub mod config;
 pub mod daemon;
 pub mod demo;
 pub mod error;
+pub mod health;
+pub mod heartbeat;
 pub mod http;
 pub mod logging;
 pub mod metrics;
@@ -40,9 +43,10 @@ pub mod pg;
 pub mod projector;
 pub mod reconcile;
 pub mod reload;
-pub mod service;
+pub mod retry;
 pub mod store;
 pub mod stream;
+pub mod systemd;
 pub mod tools;
 
 pub use error::{Error, Result};

@@ -21,7 +21,7 @@ static INSTALLED: OnceLock<Installed> = OnceLock::new();
 
 /// What [`set_level`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LevelChange {
+pub(crate) enum LevelChange {
     Applied,
     /// `RUST_LOG` is set and wins over `log.level`.
     RustLogWins,
@@ -63,8 +63,8 @@ pub fn init(cfg: &LogConfig) -> Option<String> {
     note
 }
 
-/// Replaces the filter with `level` (already validated as a filter by `config::validate`).
-pub fn set_level(level: &str) -> Result<LevelChange, String> {
+/// Replaces the filter with `level` (already validated as a filter by `Config::validate`).
+pub(crate) fn set_level(level: &str) -> Result<LevelChange, String> {
     let Some(installed) = INSTALLED.get() else { return Ok(LevelChange::NotInstalled) };
     if installed.from_rust_log {
         return Ok(LevelChange::RustLogWins);

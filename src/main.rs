@@ -12,8 +12,8 @@ use cruddur_syncd::store::Store;
 use cruddur_syncd::tools::{self, JsonLines};
 use cruddur_syncd::{aws, check, daemon, logging, reconcile};
 
-// The API's request path makes many small, short-lived allocations; glibc's malloc spent ~10%
-// of the daemon's CPU on them (README, "Benchmarks").
+// The API's request path makes many small, short-lived allocations, which glibc's malloc serves
+// markedly slower (README, "Benchmarks").
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -118,14 +118,14 @@ pub struct ReasonLabels {
 }
 
 /// The `reason` values of `projector_records_skipped_total`.
-pub const PROJECTOR_SKIP_REASONS: [&str; 5] = ["not_message", "stale", "no_group_rows", "gone", "failed"];
+pub(crate) const PROJECTOR_SKIP_REASONS: [&str; 5] = ["not_message", "stale", "no_group_rows", "gone", "failed"];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct VersionLabels {
     pub version: &'static str,
 }
 
-pub type FloatGauge = Gauge<f64, AtomicU64>;
+pub(crate) type FloatGauge = Gauge<f64, AtomicU64>;
 
 fn duration_histogram() -> Histogram {
     // 50 µs .. ~3.3 s: cache hits are microseconds, DynamoDB misses tens of milliseconds.
@@ -177,7 +177,7 @@ struct HotSeries {
 
 /// The `route` label of the API families: the matched template, never the raw path.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ApiRoute {
+pub(crate) enum ApiRoute {
     MessageGroups,
     Messages,
     Other,
@@ -187,7 +187,7 @@ impl ApiRoute {
     /// The routes with handlers, in the order of [`HotSeries`]' arrays.
     const SERVED: [ApiRoute; 2] = [ApiRoute::MessageGroups, ApiRoute::Messages];
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             ApiRoute::MessageGroups => "/api/message_groups",
             ApiRoute::Messages => "/api/messages/{message_group_uuid}",
@@ -363,7 +363,7 @@ impl Metrics {
     }
 
     /// Counts one cache lookup.
-    pub fn cache_request(&self, cache: CacheName, result: CacheResult) {
+    pub(crate) fn cache_request(&self, cache: CacheName, result: CacheResult) {
         let c = match cache {
             CacheName::groups => 0,
             CacheName::messages => 1,
@@ -377,7 +377,7 @@ impl Metrics {
     }
 
     /// Counts and times one API request.
-    pub fn http_request(&self, route: ApiRoute, status: u16, seconds: f64) {
+    pub(crate) fn http_request(&self, route: ApiRoute, status: u16, seconds: f64) {
         let served = match route {
             ApiRoute::MessageGroups => Some(0),
             ApiRoute::Messages => Some(1),
@@ -407,7 +407,7 @@ impl Metrics {
 
     /// Every family in the classic Prometheus text format (0.0.4), for scrapers and tools such
     /// as `promtool check metrics` that do not speak OpenMetrics.
-    pub fn encode_prometheus(&self) -> String {
+    pub(crate) fn encode_prometheus(&self) -> String {
         openmetrics_to_prometheus(&self.encode())
     }
 }
@@ -435,7 +435,7 @@ impl HotSeries {
 
 /// OpenMetrics names a counter family `x` and its sample `x_total`; the classic format names
 /// both `x_total`, and has no `# UNIT` or `# EOF` lines.
-pub fn openmetrics_to_prometheus(text: &str) -> String {
+pub(crate) fn openmetrics_to_prometheus(text: &str) -> String {
     let counters: std::collections::HashSet<&str> =
         text.lines().filter_map(|l| l.strip_prefix("# TYPE ")).filter_map(|l| l.strip_suffix(" counter")).collect();
     let mut out = String::with_capacity(text.len());

@@ -56,16 +56,8 @@ uuid_newtype!(
 pub struct CognitoSub(pub String);
 
 impl CognitoSub {
-    pub fn new(sub: impl Into<String>) -> Self {
-        CognitoSub(sub.into())
-    }
-
     pub fn as_str(&self) -> &str {
         &self.0
-    }
-
-    pub fn into_string(self) -> String {
-        self.0
     }
 }
 
@@ -122,7 +114,7 @@ impl Sk {
 }
 
 /// DynamoDB's limit on a sort key: nothing longer is an sk of any table.
-pub const MAX_SK_BYTES: usize = 1024;
+pub(crate) const MAX_SK_BYTES: usize = 1024;
 
 fn parse_instant(raw: &str) -> Option<DateTime<Utc>> {
     // The whole string is bounded, not only its trimmed part: the raw spelling travels on in
@@ -177,7 +169,7 @@ impl Serialize for Sk {
 }
 
 /// RFC 3339 for log lines and reports, independent of how an item spelled its time.
-pub fn rfc3339(instant: DateTime<Utc>) -> String {
+pub(crate) fn rfc3339(instant: DateTime<Utc>) -> String {
     instant.to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
@@ -190,8 +182,8 @@ pub enum Pk {
     Messages(MessageGroupId),
 }
 
-pub const GROUP_PREFIX: &str = "GRP#";
-pub const MESSAGE_PREFIX: &str = "MSG#";
+pub(crate) const GROUP_PREFIX: &str = "GRP#";
+pub(crate) const MESSAGE_PREFIX: &str = "MSG#";
 
 impl Pk {
     pub fn parse(raw: &str) -> Result<Pk, DecodeError> {
@@ -277,6 +269,14 @@ pub enum DecodeError {
     BadSk(#[from] BadTimestamp),
 }
 
+/// An item that does not fit the model, kept for reporting (it is not served).
+#[derive(Debug, Clone)]
+pub struct Misfit {
+    pub pk: Option<String>,
+    pub sk: Option<String>,
+    pub error: DecodeError,
+}
+
 /// What an attribute holds, seen through either SDK's type.
 pub enum Field<'a> {
     Missing,
@@ -348,7 +348,7 @@ fn ddb_type_name(v: &DdbValue) -> &'static str {
 }
 
 /// Decodes only the primary key (all a KEYS_ONLY stream or a REMOVE carries for certain).
-pub fn decode_key(attrs: &impl Attrs) -> Result<ItemKey, DecodeError> {
+pub(crate) fn decode_key(attrs: &impl Attrs) -> Result<ItemKey, DecodeError> {
     let pk = Pk::parse(attrs.s("pk")?)?;
     let sk = Sk::parse(attrs.s("sk")?)?;
     Ok(ItemKey { pk, sk })

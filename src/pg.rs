@@ -1,20 +1,25 @@
 //! PostgreSQL connections, bounded in time so that a wrong URL fails fast with a sentence that
-//! names the server, instead of the 30 s pool timeout the Flask scripts hit.
+//! names the server, instead of the 30 s pool timeout the Flask scripts hit; and the one query
+//! the daemon's request path makes ([`PgUsers`]).
 
 use std::str::FromStr;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, PgConnection, PgPool};
 
+use futures::future::BoxFuture;
+
+use crate::cache::{CacheError, UserDirectory};
 use crate::config::PostgresConfig;
 use crate::error::{Error, Result};
+use crate::model::{CognitoSub, UserUuid};
 
 /// `host:port/database`, for messages; never the password.
 pub fn describe(opts: &PgConnectOptions) -> String {
     format!("{}:{}/{}", opts.get_host(), opts.get_port(), opts.get_database().unwrap_or("postgres"))
 }
 
-pub fn options(cfg: &PostgresConfig) -> Result<PgConnectOptions> {
+pub(crate) fn options(cfg: &PostgresConfig) -> Result<PgConnectOptions> {
     PgConnectOptions::from_str(cfg.connection_url())
         .map_err(|e| Error::Failed(format!("postgres.url is not a usable connection URL: {e}")))
 }
@@ -23,13 +28,16 @@ pub async fn connect(cfg: &PostgresConfig) -> Result<PgPool> {
     connect_with(cfg, options(cfg)?).await
 }
 
-pub async fn connect_with(cfg: &PostgresConfig, opts: PgConnectOptions) -> Result<PgPool> {
+pub(crate) async fn connect_with(cfg: &PostgresConfig, opts: PgConnectOptions) -> Result<PgPool> {
     let target = describe(&opts);
     connect_raw(cfg, opts).await.map_err(|e| connect_error(&target, &e, cfg))
 }
 
 /// Like `connect_with`, but keeps sqlx's error so a caller can react to a SQLSTATE.
-pub async fn connect_raw(cfg: &PostgresConfig, opts: PgConnectOptions) -> std::result::Result<PgPool, sqlx::Error> {
+pub(crate) async fn connect_raw(
+    cfg: &PostgresConfig,
+    opts: PgConnectOptions,
+) -> std::result::Result<PgPool, sqlx::Error> {
     // One plain connection first: the pool retries refused connections until its timeout,
     // which would turn "connection refused" into a 5 s wait and a vaguer message.
     let probe = tokio::time::timeout(cfg.connect_timeout, PgConnection::connect_with(&opts)).await;
@@ -49,7 +57,7 @@ pub async fn connect_raw(cfg: &PostgresConfig, opts: PgConnectOptions) -> std::r
 
 /// A connection error is "unavailable", except that a server which answers (no such database,
 /// authentication failed) is reachable and the config is what is wrong.
-pub fn connect_error(target: &str, e: &sqlx::Error, cfg: &PostgresConfig) -> Error {
+pub(crate) fn connect_error(target: &str, e: &sqlx::Error, cfg: &PostgresConfig) -> Error {
     match e {
         sqlx::Error::Database(db) => {
             Error::Failed(format!("PostgreSQL at {target} refused the connection: {}", db.message()))
@@ -63,12 +71,12 @@ pub fn connect_error(target: &str, e: &sqlx::Error, cfg: &PostgresConfig) -> Err
 }
 
 /// SQLSTATE 3D000: the server is there, the database is not.
-pub fn is_missing_database(e: &sqlx::Error) -> bool {
+pub(crate) fn is_missing_database(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("3D000"))
 }
 
 /// A query error as a sentence naming the server.
-pub fn query_error(target: &str, what: &str, e: sqlx::Error) -> Error {
+pub(crate) fn query_error(target: &str, what: &str, e: sqlx::Error) -> Error {
     match e {
         sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => {
             Error::Unavailable(format!("PostgreSQL at {target} stopped answering while {what}: {e}"))
@@ -79,5 +87,43 @@ pub fn query_error(target: &str, what: &str, e: sqlx::Error) -> Error {
             Error::Unavailable(format!("PostgreSQL at {target} went away while {what}: {}", db.message()))
         }
         other => Error::Failed(format!("PostgreSQL at {target} failed while {what}: {other}")),
+    }
+}
+
+/// `sub -> users.uuid` for the cache, through the daemon's pool.
+#[derive(Clone, Debug)]
+pub struct PgUsers {
+    pub pool: PgPool,
+    /// `host:port/db`, for messages.
+    pub target: String,
+}
+
+impl PgUsers {
+    async fn find(&self, sub: &CognitoSub) -> std::result::Result<Option<UserUuid>, CacheError> {
+        let rows: Vec<(uuid::Uuid,)> =
+            sqlx::query_as("SELECT uuid FROM public.users WHERE cognito_user_id = $1 LIMIT 2")
+                .bind(&sub.0)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(|e| CacheError::Unavailable(format!("PostgreSQL at {} did not answer: {e}", self.target)))?;
+        match rows.as_slice() {
+            [(uuid,)] => Ok(Some(UserUuid(*uuid))),
+            [] => Ok(None),
+            _ => {
+                // Serving either row could show one person another's messages.
+                tracing::warn!(%sub, "several users rows carry this cognito_user_id; treating it as not provisioned");
+                Ok(None)
+            }
+        }
+    }
+}
+
+impl UserDirectory for PgUsers {
+    fn lookup<'a>(&'a self, sub: &'a CognitoSub) -> BoxFuture<'a, std::result::Result<Option<UserUuid>, CacheError>> {
+        Box::pin(self.find(sub))
+    }
+
+    fn describe(&self) -> &str {
+        &self.target
     }
 }

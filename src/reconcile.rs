@@ -6,7 +6,7 @@
 //!    the whole fleet. Not acquired: the run is `skipped` and does nothing else. The lock dies
 //!    with the connection, so a crashed instance never leaves it behind.
 //! 2. ListUsers over every page, paced to `reconcile.cognito_max_rps` calls a second, throttling
-//!    retried inside that pace ([`crate::tools::cognito::for_each_user_page_paced`]).
+//!    retried inside that pace ([`crate::cognito::for_each_user_page`]).
 //! 3. One transaction, set-based: the listing goes into a temporary table with one
 //!    `INSERT .. SELECT FROM UNNEST($1, $2, $3)`, one statement classifies every Cognito user
 //!    (updated / unchanged / unmatched / conflict), one `UPDATE .. FROM` writes the rows whose
@@ -26,8 +26,8 @@ use std::io::Write;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use aws_sdk_cognitoidentityprovider::types::UserType;
 use futures::future::BoxFuture;
-use rand::Rng;
 use serde::Serialize;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgConnection};
@@ -35,21 +35,22 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::cache::Cache;
+use crate::cognito::{attribute, for_each_user_page, Pacer};
 use crate::config::{Config, MatchOn, ReconcileConfig};
 use crate::error::{Error, Result};
 use crate::metrics::{Metrics, OutcomeLabels, RunLabels, RunResult};
 use crate::model::CognitoSub;
-use crate::tools::cognito::{for_each_user_page_paced, Pacer, UserLine};
+use crate::retry::jitter;
 use crate::{aws, pg};
 
 /// The advisory lock key every instance of the fleet takes around a run ("cruddurR").
 pub const LOCK_KEY: i64 = 0x6372_7564_6475_7252;
 
 /// How many names of each outcome the report carries.
-pub const REPORT_NAMES: usize = 5;
+pub(crate) const REPORT_NAMES: usize = 5;
 
 /// The first run after start waits this long (or `interval` when shorter), plus jitter.
-pub const FIRST_RUN_DELAY: Duration = Duration::from_secs(5);
+pub(crate) const FIRST_RUN_DELAY: Duration = Duration::from_secs(5);
 
 /// One Cognito user as reconciliation sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,21 +62,18 @@ pub struct CognitoUser {
 }
 
 impl CognitoUser {
-    pub fn from_line(line: UserLine, match_on: MatchOn) -> CognitoUser {
-        let value = match match_on {
-            MatchOn::Handle => line.preferred_username,
-            MatchOn::Email => line.email,
-        };
+    pub(crate) fn from_user(user: &UserType, match_on: MatchOn) -> CognitoUser {
+        let present = |v: Option<&str>| v.filter(|v| !v.is_empty()).map(str::to_string);
         CognitoUser {
-            username: line.username.unwrap_or_default(),
-            sub: line.sub.filter(|s| !s.is_empty()),
-            value: value.filter(|v| !v.is_empty()),
+            username: user.username().unwrap_or_default().to_string(),
+            sub: present(attribute(user, "sub")),
+            value: present(attribute(user, match_attribute(match_on))),
         }
     }
 }
 
 /// The `users` column a match attribute is compared with.
-pub fn match_column(match_on: MatchOn) -> &'static str {
+pub(crate) fn match_column(match_on: MatchOn) -> &'static str {
     match match_on {
         MatchOn::Handle => "handle",
         MatchOn::Email => "email",
@@ -133,7 +131,7 @@ impl Outcomes {
     }
 
     /// `(label, outcome)` in report order; the labels are the metric's `outcome` values.
-    pub fn iter(&self) -> [(&'static str, &Outcome); 5] {
+    pub(crate) fn iter(&self) -> [(&'static str, &Outcome); 5] {
         [
             ("updated", &self.updated),
             ("unchanged", &self.unchanged),
@@ -213,12 +211,19 @@ pub enum Phase {
 }
 
 /// Called at each [`Phase`]; the run waits for the future.
+#[cfg(any(test, feature = "test-support"))]
 pub type Hook = Arc<dyn Fn(Phase) -> BoxFuture<'static, ()> + Send + Sync>;
+/// No hooks outside tests: a type with no values.
+#[cfg(not(any(test, feature = "test-support")))]
+pub enum Hook {}
 
 async fn at(hook: Option<&Hook>, phase: Phase) {
+    #[cfg(any(test, feature = "test-support"))]
     if let Some(h) = hook {
         h(phase).await;
     }
+    #[cfg(not(any(test, feature = "test-support")))]
+    let _ = (hook, phase);
 }
 
 /// What a scheduled run reads at every tick; a reload replaces it.
@@ -230,7 +235,7 @@ pub struct Settings {
 }
 
 impl Settings {
-    pub fn of(cfg: &Config) -> Settings {
+    pub(crate) fn of(cfg: &Config) -> Settings {
         Settings { reconcile: cfg.reconcile.clone(), user_pool_id: cfg.auth.user_pool_id.clone() }
     }
 }
@@ -270,7 +275,7 @@ impl Reconciler {
 
     /// The pool of `auth.user_pool_id` and the database of `[postgres]`; `cache` is the daemon's
     /// (the CLI has none).
-    pub fn from_config(cfg: &Config, clients: &aws::Clients, cache: Option<Arc<Cache>>) -> Result<Reconciler> {
+    pub(crate) fn from_config(cfg: &Config, clients: &aws::Clients, cache: Option<Arc<Cache>>) -> Result<Reconciler> {
         Ok(Reconciler::new(
             clients.cognito.clone(),
             clients.endpoints.cognito.clone(),
@@ -282,21 +287,30 @@ impl Reconciler {
     }
 
     /// The same reconciler for another pool.
-    pub fn for_pool(&self, user_pool_id: &str) -> Reconciler {
+    pub(crate) fn for_pool(&self, user_pool_id: &str) -> Reconciler {
         Reconciler { user_pool_id: user_pool_id.to_string(), ..self.clone() }
     }
 
     /// One run now. `Ok` with [`Status::Skipped`] when another instance holds the lock; `Err`
     /// when Cognito or PostgreSQL failed, in which case nothing was written.
     pub async fn run(&self, settings: &ReconcileConfig, dry_run: bool) -> Result<Report> {
-        self.run_with_hook(settings, dry_run, None).await
+        self.run_hooked(settings, dry_run, None).await
     }
 
     /// [`Reconciler::run`], calling `hook` at each [`Phase`].
-    ///
+    #[cfg(any(test, feature = "test-support"))]
+    pub fn run_with_hook<'a>(
+        &'a self,
+        settings: &'a ReconcileConfig,
+        dry_run: bool,
+        hook: Option<&'a Hook>,
+    ) -> BoxFuture<'a, Result<Report>> {
+        self.run_hooked(settings, dry_run, hook)
+    }
+
     /// Boxed so that the future's `Send` is proven here, where its lifetimes are concrete (the
     /// daemon spawns it).
-    pub fn run_with_hook<'a>(
+    fn run_hooked<'a>(
         &'a self,
         settings: &'a ReconcileConfig,
         dry_run: bool,
@@ -368,8 +382,8 @@ impl Reconciler {
     async fn list(&self, settings: &ReconcileConfig) -> Result<Vec<CognitoUser>> {
         let mut users = Vec::new();
         let mut pacer = Pacer::per_second(settings.cognito_max_rps);
-        for_each_user_page_paced(&self.cognito, &self.cognito_endpoint, &self.user_pool_id, &mut pacer, |page| {
-            users.extend(page.iter().map(|u| CognitoUser::from_line(UserLine::from_user(u), settings.match_on)));
+        for_each_user_page(&self.cognito, &self.cognito_endpoint, &self.user_pool_id, &mut pacer, |page| {
+            users.extend(page.iter().map(|u| CognitoUser::from_user(u, settings.match_on)));
             Ok(())
         })
         .await?;
@@ -573,7 +587,7 @@ async fn apply_inner(
 /// The daemon's loop: one run at a time, until `stop`. `settings` is read at every tick, so a
 /// reload of `interval`, `jitter`, `match_on`, `cognito_max_rps`, `enabled` or the user pool
 /// applies from the next tick; while disabled it only waits for a change.
-pub async fn schedule(
+pub(crate) async fn schedule(
     reconciler: Reconciler,
     mut settings: watch::Receiver<Settings>,
     metrics: Arc<Metrics>,
@@ -623,15 +637,8 @@ pub async fn schedule(
     }
 }
 
-fn jitter(max: Duration) -> Duration {
-    if max.is_zero() {
-        return Duration::ZERO;
-    }
-    max.mul_f64(rand::thread_rng().gen_range(0.0..=1.0))
-}
-
 /// Metrics and the one log line of a run.
-pub fn record(metrics: &Metrics, result: &Result<Report>) {
+pub(crate) fn record(metrics: &Metrics, result: &Result<Report>) {
     let run = |result| metrics.reconcile_runs.get_or_create(&RunLabels { result }).inc();
     match result {
         Ok(r) if r.status == Status::Skipped => {

@@ -7,7 +7,8 @@
 //! must load its JWKS (as at start, where the same failure exits 69). A file that fails either
 //! step is logged with its reason and counted (`config_reloads_total{result="failure"}`);
 //! nothing changes, so a ConfigMap with a typo or an unreachable `jwks_url` cannot take a fleet
-//! down. A good one applies every live key at once ([`LIVE_KEYS`]) and names, in one warning,
+//! down. A good one applies every live key at once (the `LIVE` table: the one place that says
+//! which keys are live and how each applies) and names, in one warning,
 //! the changed keys that only a restart applies. A file deleted while the daemon runs keeps the
 //! running config, said once.
 
@@ -26,38 +27,105 @@ use crate::config::{self, Config, ConfigError};
 use crate::http::api::ApiState;
 use crate::http::auth::{AuthSlot, Authenticator};
 use crate::metrics::{Metrics, RunLabels, RunResult};
-use crate::{logging, reconcile, service};
+use crate::{logging, reconcile, systemd};
 
 /// Quiet time after the last change of the file before it is read.
-pub const DEBOUNCE: Duration = Duration::from_millis(300);
+pub(crate) const DEBOUNCE: Duration = Duration::from_millis(300);
 /// How long a reload waits for a new `[auth]`'s JWKS before refusing it.
 const JWKS_FETCH_BOUND: Duration = Duration::from_secs(10);
 
-/// Keys a running daemon applies at once. A `section.*` entry covers the whole section. Every
-/// other key needs a restart.
-pub const LIVE_KEYS: &[&str] = &[
-    "log.level",
-    "http.cors_allowed_origins",
-    "stream.poll_interval",
-    "cache.ttl",
-    "cache.users_ttl",
-    "reconcile.*",
-    "auth.*",
+/// A key a running daemon applies at once, and how; `section.*` covers a whole section. This
+/// table is the one place that says which keys are live: adding one is adding a row.
+struct LiveKey {
+    key: &'static str,
+    apply: fn(&Live, &Config, &mut Prepared),
+}
+
+/// What the reload made ready before changing anything.
+#[derive(Default)]
+struct Prepared {
+    auth: Option<Authenticator>,
+}
+
+const LIVE: &[LiveKey] = &[
+    LiveKey { key: "log.level", apply: |_, c, _| set_log_level(&c.log.level) },
+    LiveKey {
+        key: "http.cors_allowed_origins",
+        apply: |l, c, _| l.api.set_cors_allowed_origins(&c.http.cors_allowed_origins),
+    },
+    LiveKey {
+        key: "stream.poll_interval",
+        apply: |l, c, _| {
+            l.poll_interval.send_replace(c.stream.poll_interval);
+        },
+    },
+    LiveKey { key: "cache.ttl", apply: |l, c, _| l.cache.set_ttl(c.cache.ttl) },
+    LiveKey { key: "cache.users_ttl", apply: |l, c, _| l.cache.set_users_ttl(c.cache.users_ttl) },
+    LiveKey {
+        key: "auth.*",
+        apply: |l, _, prepared| {
+            if let Some(auth) = prepared.auth.take() {
+                auth.spawn_refresh();
+                l.auth.replace(auth);
+            }
+        },
+    },
+    // The verifier (above) and the reconciler follow one pool: both change in the same reload.
+    LiveKey { key: "auth.user_pool_id", apply: send_reconcile_settings },
+    LiveKey { key: "reconcile.*", apply: send_reconcile_settings },
 ];
 
-pub fn is_live(key: &str) -> bool {
-    LIVE_KEYS.iter().any(|k| match k.strip_suffix('*') {
-        Some(section) => key.starts_with(section),
-        None => *k == key,
-    })
+fn send_reconcile_settings(live: &Live, new: &Config, _: &mut Prepared) {
+    live.reconcile.send_replace(reconcile::Settings::of(new));
+}
+
+fn set_log_level(level: &str) {
+    match logging::set_level(level) {
+        Ok(logging::LevelChange::RustLogWins) => {
+            tracing::warn!("log.level changed but RUST_LOG is set and stays in force")
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!("log.level: {e}"),
+    }
+}
+
+impl LiveKey {
+    fn covers(&self, key: &str) -> bool {
+        match self.key.strip_suffix('*') {
+            Some(section) => key.starts_with(section),
+            None => self.key == key,
+        }
+    }
+}
+
+pub(crate) fn is_live(key: &str) -> bool {
+    LIVE.iter().any(|live| live.covers(key))
+}
+
+fn table(c: &Config) -> toml::Table {
+    match toml::Value::try_from(c) {
+        Ok(toml::Value::Table(t)) => t,
+        _ => toml::Table::new(),
+    }
+}
+
+/// `new` with the value `old` has for each of `keys` (`section.key`; absent stays absent).
+fn with_values_of(new: &Config, old: &Config, keys: &[String]) -> Option<Config> {
+    let (mut merged, old) = (table(new), table(old));
+    for key in keys {
+        let (section, name) = key.split_once('.')?;
+        let value = old.get(section).and_then(|s| s.get(name)).cloned();
+        let target = merged.entry(section).or_insert_with(|| toml::Value::Table(toml::Table::new())).as_table_mut()?;
+        match value {
+            Some(v) => target.insert(name.to_string(), v),
+            None => target.remove(name),
+        };
+    }
+    toml::Value::Table(merged).try_into().ok()
 }
 
 /// Every `section.key` whose value differs between `a` and `b` (absent counts as a value).
-pub fn changed_keys(a: &Config, b: &Config) -> Vec<String> {
-    let table = |c: &Config| match toml::Value::try_from(c) {
-        Ok(toml::Value::Table(t)) => t,
-        _ => toml::Table::new(),
-    };
+pub(crate) fn changed_keys(a: &Config, b: &Config) -> Vec<String> {
     let (a, b) = (table(a), table(b));
     let empty = toml::Table::new();
     let mut sections: Vec<&String> = a.keys().chain(b.keys()).collect();
@@ -95,14 +163,14 @@ pub struct Live {
 
 /// What a good reload did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Applied {
+pub(crate) struct Applied {
     pub live: Vec<String>,
     pub restart_required: Vec<String>,
 }
 
 impl Live {
     #[allow(clippy::too_many_arguments)]
-    pub fn new(
+    pub(crate) fn new(
         config: &Config,
         api: Arc<ApiState>,
         auth: Arc<AuthSlot>,
@@ -116,13 +184,13 @@ impl Live {
     }
 
     /// The config in force.
-    pub fn current(&self) -> Config {
+    pub(crate) fn current(&self) -> Config {
         self.current.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Applies every live key of `new` that differs from the config in force, or none of them
     /// when one cannot be applied (the reason is returned).
-    pub async fn apply(&self, new: &Config) -> Result<Applied, String> {
+    pub(crate) async fn apply(&self, new: &Config) -> Result<Applied, String> {
         let old = self.current();
         let mut applied = Applied::default();
         for key in changed_keys(&old, new) {
@@ -132,48 +200,16 @@ impl Live {
                 applied.restart_required.push(key);
             }
         }
-        let changed = |prefix: &str| applied.live.iter().any(|k| k.starts_with(prefix));
-
         // Everything that can fail first: nothing has changed yet.
-        let auth = if changed("auth.") { Some(self.prepare_auth(new).await?) } else { None };
-
-        if changed("log.level") {
-            match logging::set_level(&new.log.level) {
-                Ok(logging::LevelChange::RustLogWins) => {
-                    tracing::warn!("log.level changed but RUST_LOG is set and stays in force")
-                }
-                Ok(_) => {}
-                Err(e) => tracing::warn!("log.level: {e}"),
-            }
+        let mut prepared = Prepared::default();
+        if applied.live.iter().any(|k| k.starts_with("auth.")) {
+            prepared.auth = Some(self.prepare_auth(new).await?);
         }
-        if changed("http.cors_allowed_origins") {
-            self.api.set_cors_allowed_origins(&new.http.cors_allowed_origins);
+        for live in LIVE.iter().filter(|l| applied.live.iter().any(|k| l.covers(k))) {
+            (live.apply)(self, new, &mut prepared);
         }
-        if changed("stream.poll_interval") {
-            self.poll_interval.send_replace(new.stream.poll_interval);
-        }
-        if changed("cache.ttl") {
-            self.cache.set_ttl(new.cache.ttl);
-        }
-        if changed("cache.users_ttl") {
-            self.cache.set_users_ttl(new.cache.users_ttl);
-        }
-        if let Some(auth) = auth {
-            auth.spawn_refresh();
-            self.auth.replace(auth);
-        }
-        // The verifier and the reconciler follow one pool: both change in this reload.
-        if changed("reconcile.") || changed("auth.user_pool_id") {
-            self.reconcile.send_replace(reconcile::Settings::of(new));
-        }
-        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
-        current.log.level = new.log.level.clone();
-        current.http.cors_allowed_origins = new.http.cors_allowed_origins.clone();
-        current.stream.poll_interval = new.stream.poll_interval;
-        current.cache.ttl = new.cache.ttl;
-        current.cache.users_ttl = new.cache.users_ttl;
-        current.reconcile = new.reconcile.clone();
-        current.auth = new.auth.clone();
+        *self.current.lock().unwrap_or_else(|e| e.into_inner()) =
+            with_values_of(new, &old, &applied.restart_required).unwrap_or(old);
         Ok(applied)
     }
 
@@ -206,12 +242,17 @@ enum Trigger {
 
 /// Catches SIGHUP from now on (its default action would end the process): call it before
 /// anything slow starts, then hand it to [`spawn`].
-pub fn sighup() -> crate::Result<Signal> {
+pub(crate) fn sighup() -> crate::Result<Signal> {
     signal(SignalKind::hangup()).map_err(|e| crate::Error::Failed(format!("cannot watch SIGHUP: {e}")))
 }
 
 /// Watches `path` and SIGHUP until `stop`, reloading on either.
-pub fn spawn(path: PathBuf, live: Arc<Live>, mut hup: Signal, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
+pub(crate) fn spawn(
+    path: PathBuf,
+    live: Arc<Live>,
+    mut hup: Signal,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let watcher = watch_file(&path, tx);
     tokio::spawn(async move {
@@ -296,7 +337,7 @@ impl Reloader {
                 return;
             }
             Err(e) => {
-                service::reloading();
+                systemd::reloading();
                 self.fail(&ConfigError::Read { path: self.path.clone(), reason: e.to_string() }.to_string(), &[]);
                 return;
             }
@@ -307,7 +348,7 @@ impl Reloader {
             return;
         }
         self.last_text = Some(text.clone());
-        service::reloading();
+        systemd::reloading();
         let how = if trigger == Trigger::Signal { "SIGHUP" } else { "file change" };
         match config::load_from_str(&self.path, &text, std::env::vars()) {
             Err(e) => {
@@ -347,7 +388,7 @@ impl Reloader {
                     tracing::warn!("restart required: {}", applied.restart_required.join(", "));
                 }
                 self.live.metrics.config_reloads.get_or_create(&RunLabels { result: RunResult::success }).inc();
-                service::reloaded("serving; config reloaded");
+                systemd::reloaded("serving; config reloaded");
             }
         }
     }
@@ -358,7 +399,7 @@ impl Reloader {
             tracing::error!("config problem: {p}");
         }
         self.live.metrics.config_reloads.get_or_create(&RunLabels { result: RunResult::failure }).inc();
-        service::reloaded("serving; the last config reload failed, the previous config stays in force");
+        systemd::reloaded("serving; the last config reload failed, the previous config stays in force");
     }
 }
 

@@ -6,10 +6,12 @@ use std::collections::HashMap;
 use aws_sdk_dynamodb::types::{AttributeValue, Select};
 use aws_sdk_dynamodb::Client;
 
-use crate::error::{from_sdk, Result};
-use crate::model::{decode_item, DecodeError, Item, ItemKey, Message, MessageGroup, MessageGroupId, Pk, UserUuid};
+use crate::aws::from_sdk;
+use crate::cache::{ConversationStore, Loaded};
+use crate::error::Result;
+use crate::model::{decode_item, Item, ItemKey, Message, MessageGroup, MessageGroupId, Misfit, Pk, UserUuid};
 
-pub type RawItem = HashMap<String, AttributeValue>;
+pub(crate) type RawItem = HashMap<String, AttributeValue>;
 
 /// The messages table, as seen through one client.
 #[derive(Clone, Debug)]
@@ -17,14 +19,6 @@ pub struct Store {
     client: Client,
     table: String,
     endpoint: String,
-}
-
-/// An item that does not fit the model, kept for reporting.
-#[derive(Debug, Clone)]
-pub struct Misfit {
-    pub pk: Option<String>,
-    pub sk: Option<String>,
-    pub error: DecodeError,
 }
 
 impl Store {
@@ -40,12 +34,12 @@ impl Store {
         &self.table
     }
 
-    pub fn endpoint(&self) -> &str {
+    pub(crate) fn endpoint(&self) -> &str {
         &self.endpoint
     }
 
     /// "DynamoDB {op} on table {table} at {endpoint}": how every error about this table begins.
-    pub fn context(&self, op: &str) -> String {
+    pub(crate) fn context(&self, op: &str) -> String {
         format!("DynamoDB {op} on table {} at {}", self.table, self.endpoint)
     }
 
@@ -67,7 +61,7 @@ impl Store {
     /// Every row of one conversation through the group index (`message_group_uuid` HASH): one
     /// row per participant, more when a writer left duplicates. Index reads are eventually
     /// consistent (DynamoDB offers nothing else on a GSI); writers must check what they read.
-    pub async fn query_group_index(&self, index: &str, group: MessageGroupId) -> Result<Vec<RawItem>> {
+    pub(crate) async fn query_group_index(&self, index: &str, group: MessageGroupId) -> Result<Vec<RawItem>> {
         let query = self
             .client
             .query()
@@ -81,7 +75,7 @@ impl Store {
     /// One owner's rows of one conversation, read consistently from the owner's partition (the
     /// group index may lag the table). The filter matches the conversation id exactly as the
     /// index does; it saves transfer, not read capacity (the whole partition is read).
-    pub async fn conversation_rows_of(&self, owner: UserUuid, group: MessageGroupId) -> Result<Vec<RawItem>> {
+    pub(crate) async fn conversation_rows_of(&self, owner: UserUuid, group: MessageGroupId) -> Result<Vec<RawItem>> {
         let pk = Pk::Groups(owner);
         let query = self
             .client
@@ -123,7 +117,7 @@ impl Store {
     }
 
     /// One item by its key, read consistently; `None` when there is none.
-    pub async fn get_item(&self, key: &ItemKey) -> Result<Option<RawItem>> {
+    pub(crate) async fn get_item(&self, key: &ItemKey) -> Result<Option<RawItem>> {
         let out = self
             .client
             .get_item()
@@ -206,14 +200,24 @@ impl Store {
             .await;
         match res {
             Ok(_) => Ok(true),
-            Err(e) if crate::error::sdk_code(&e) == Some("ConditionalCheckFailedException") => Ok(false),
+            Err(e) if crate::aws::errors::code(&e) == Some("ConditionalCheckFailedException") => Ok(false),
             Err(e) => Err(from_sdk(self.context("PutItem"), e)),
         }
     }
 }
 
+impl ConversationStore for Store {
+    fn group_rows(&self, user: UserUuid) -> futures::future::BoxFuture<'_, Result<Loaded<MessageGroup>>> {
+        Box::pin(Store::group_rows(self, user))
+    }
+
+    fn messages(&self, group: MessageGroupId) -> futures::future::BoxFuture<'_, Result<Loaded<Message>>> {
+        Box::pin(Store::messages(self, group))
+    }
+}
+
 /// Decodes raw items, separating those that do not fit the model.
-pub fn decode_all(raw: Vec<RawItem>) -> (Vec<Item>, Vec<Misfit>) {
+pub(crate) fn decode_all(raw: Vec<RawItem>) -> (Vec<Item>, Vec<Misfit>) {
     let mut items = Vec::with_capacity(raw.len());
     let mut misfits = Vec::new();
     for r in raw {

@@ -1,9 +1,9 @@
 //! The admin listener (SPEC section 6): liveness, readiness with named checks, and metrics.
 //! It runs on its own address so probes and scrapes never compete with API clients.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -14,44 +14,13 @@ use serde_json::json;
 use tokio::sync::watch;
 
 use super::auth::AuthSlot;
-use super::Heartbeat;
 use crate::cache::Cache;
+use crate::health::{PgHealth, Probes, POSTGRES_FRESHNESS};
+use crate::heartbeat::Heartbeat;
 use crate::metrics::Metrics;
-use crate::service::Probes;
-use crate::stream::tailer::TailerStatus;
+use crate::stream::TailerStatus;
 
-/// PostgreSQL counts as healthy for this long after its last answer (SPEC section 6).
-pub const POSTGRES_FRESHNESS: Duration = Duration::from_secs(30);
-
-/// When PostgreSQL last answered, kept by a background pinger.
-#[derive(Debug)]
-pub struct PgHealth {
-    started: Instant,
-    /// Milliseconds since `started` of the last answer, plus one (0 = never).
-    last_ok_ms: AtomicU64,
-}
-
-impl Default for PgHealth {
-    fn default() -> Self {
-        PgHealth { started: Instant::now(), last_ok_ms: AtomicU64::new(0) }
-    }
-}
-
-impl PgHealth {
-    pub fn record_ok(&self) {
-        let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_ok_ms.store(ms.saturating_add(1), Ordering::Release);
-    }
-
-    pub fn answered_within(&self, window: Duration) -> bool {
-        match self.last_ok_ms.load(Ordering::Acquire) {
-            0 => false,
-            ms => self.started.elapsed().saturating_sub(Duration::from_millis(ms - 1)) <= window,
-        }
-    }
-}
-
-pub struct AdminState {
+pub(crate) struct AdminState {
     pub metrics: Arc<Metrics>,
     pub cache: Arc<Cache>,
     pub auth: Arc<AuthSlot>,
@@ -64,7 +33,7 @@ pub struct AdminState {
     pub api_heartbeat: Arc<Heartbeat>,
 }
 
-pub fn router(state: Arc<AdminState>) -> Router {
+pub(crate) fn router(state: Arc<AdminState>) -> Router {
     Router::new()
         .route("/livez", get(livez))
         .route("/readyz", get(readyz))

@@ -25,17 +25,17 @@ use tower_http::timeout::TimeoutLayer;
 use super::auth::AuthSlot;
 use super::error::{bodyless_errors_as_json, ApiError};
 use super::{cursor, flask_json};
-use crate::cache::{Cache, Rendered};
+use crate::cache::Cache;
 use crate::metrics::{ApiRoute, Metrics};
 use crate::model::{ApiEntry, MessageGroup, MessageGroupId, Sk, UserUuid};
 
-pub const DEFAULT_LIMIT: usize = 20;
-pub const MAX_LIMIT: usize = 100;
+pub(crate) const DEFAULT_LIMIT: usize = 20;
+pub(crate) const MAX_LIMIT: usize = 100;
 /// GETs carry no body; anything beyond this is refused with 413.
-pub const MAX_BODY_BYTES: usize = 16 * 1024;
+pub(crate) const MAX_BODY_BYTES: usize = 16 * 1024;
 
-pub const GROUPS_ROUTE: &str = "/api/message_groups";
-pub const MESSAGES_ROUTE: &str = "/api/messages/{message_group_uuid}";
+pub(crate) const GROUPS_ROUTE: &str = "/api/message_groups";
+pub(crate) const MESSAGES_ROUTE: &str = "/api/messages/{message_group_uuid}";
 
 pub struct ApiState {
     pub cache: Arc<Cache>,
@@ -48,12 +48,17 @@ pub struct ApiState {
 }
 
 impl ApiState {
-    pub fn new(cache: Arc<Cache>, auth: Arc<AuthSlot>, metrics: Arc<Metrics>, cors_allowed_origins: &[String]) -> Self {
+    pub(crate) fn new(
+        cache: Arc<Cache>,
+        auth: Arc<AuthSlot>,
+        metrics: Arc<Metrics>,
+        cors_allowed_origins: &[String],
+    ) -> Self {
         ApiState { cache, auth, metrics, cors: RwLock::new(cors_layer(cors_allowed_origins)) }
     }
 
     /// Replaces the CORS policy; the next request sees the new one.
-    pub fn set_cors_allowed_origins(&self, origins: &[String]) {
+    pub(crate) fn set_cors_allowed_origins(&self, origins: &[String]) {
         let layer = cors_layer(origins);
         *self.cors.write().unwrap_or_else(|e| e.into_inner()) = layer;
     }
@@ -61,11 +66,11 @@ impl ApiState {
 
 /// What the API router needs from the config (CORS origins live in [`ApiState`]).
 #[derive(Clone, Debug)]
-pub struct ApiOptions {
+pub(crate) struct ApiOptions {
     pub request_timeout: Duration,
 }
 
-pub fn router(state: Arc<ApiState>, opts: &ApiOptions) -> Router {
+pub(crate) fn router(state: Arc<ApiState>, opts: &ApiOptions) -> Router {
     Router::new()
         .route(GROUPS_ROUTE, get(message_groups))
         .route(MESSAGES_ROUTE, get(messages))
@@ -78,8 +83,8 @@ pub fn router(state: Arc<ApiState>, opts: &ApiOptions) -> Router {
 }
 
 /// Everything the API does around a route, in one layer rather than one per concern (each
-/// `from_fn` costs a boxed future and a service clone per request; three of them were ~8% of a
-/// cached request's CPU): tower-http's CORS logic with the policy in force at this request, the
+/// `from_fn` costs a boxed future and a service clone per request, measurable on a cached
+/// request; README "Benchmarks"): tower-http's CORS logic with the policy in force at this request, the
 /// request metrics by route (the matched template, never the raw path), and a JSON body for the
 /// errors the stack below raises without one.
 async fn edge(State(state): State<Arc<ApiState>>, req: Request, next: Next) -> Response {
@@ -127,7 +132,7 @@ fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
 }
 
 #[derive(Deserialize)]
-pub struct PageParams {
+pub(crate) struct PageParams {
     limit: Option<String>,
     before: Option<String>,
 }
@@ -185,7 +190,9 @@ async fn message_groups(State(state): State<Arc<ApiState>>, req: Request) -> Res
     let user = caller(&state, headers).await?;
     let rows = state.cache.groups(user).await?;
     if before.is_none() && limit == DEFAULT_LIMIT {
-        return Ok(respond(headers, rows.first_page(|view| groups_page(view, limit, None))));
+        if let Some(page) = rows.memo(|view| groups_page(view, limit, None)) {
+            return Ok(respond(headers, page));
+        }
     }
     Ok(respond(headers, &groups_page(rows.view(), limit, before.as_ref())))
 }
@@ -232,6 +239,16 @@ async fn messages(
     let entries: Vec<ApiEntry> = page.items.iter().map(|m| m.api_entry()).collect();
     let link = next.map(|c| format!("/api/messages/{group}?limit={limit}&before={c}"));
     Ok(respond(headers, &render(&entries, link)))
+}
+
+/// A response rendered once and served many times: the body and its header values, ready to
+/// be cloned (a reference count each) into every response.
+#[derive(Debug, Clone)]
+pub(crate) struct Rendered {
+    pub body: bytes::Bytes,
+    pub etag: HeaderValue,
+    /// The `Link: <...>; rel="next"` value, when there is a next page.
+    pub link: Option<HeaderValue>,
 }
 
 /// The body, its validator and the next page's link.

@@ -43,22 +43,22 @@ use crate::config::{AuthConfig, TokenUse};
 use crate::metrics::{Metrics, RunLabels, RunResult};
 
 /// Leeway on `exp` and `nbf` (SPEC section 5: at most 60 s).
-pub const LEEWAY_SECS: u64 = 60;
+pub(crate) const LEEWAY_SECS: u64 = 60;
 /// An unknown `kid` refetches the JWKS at most this often (SPEC section 5).
-pub const REFETCH_MIN_INTERVAL: Duration = Duration::from_secs(30);
+pub(crate) const REFETCH_MIN_INTERVAL: Duration = Duration::from_secs(30);
 /// Bound on one JWKS fetch, connect to last byte.
-pub const JWKS_FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const JWKS_FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 /// A verified token stays cached until its `exp`, but never longer than this (a key removed
 /// from the JWKS stops being honoured within this bound).
-pub const CACHE_TTL_CAP: Duration = Duration::from_secs(10 * 60);
+pub(crate) const CACHE_TTL_CAP: Duration = Duration::from_secs(10 * 60);
 /// Verified tokens kept at most.
-pub const CACHE_MAX_ENTRIES: u64 = 100_000;
+pub(crate) const CACHE_MAX_ENTRIES: u64 = 100_000;
 /// Longest token accepted; Cognito's are 1-2 KB. Longer ones are rejected unparsed.
-pub const MAX_TOKEN_LEN: usize = 16 * 1024;
+pub(crate) const MAX_TOKEN_LEN: usize = 16 * 1024;
 /// Largest JWKS document accepted.
 const MAX_JWKS_BYTES: usize = 1024 * 1024;
 
-pub use crate::model::CognitoSub;
+pub(crate) use crate::model::CognitoSub;
 
 /// What a valid token proves.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -148,13 +148,14 @@ impl AuthError {
 /// Extracts the token from an `Authorization` header value: `Bearer` (any case), exactly one
 /// space, then a non-empty RFC 6750 `b64token` (`[A-Za-z0-9-._~+/]+=*`) of at most
 /// [`MAX_TOKEN_LEN`] bytes. Surrounding whitespace (HTTP OWS) is ignored.
-pub fn bearer_token(header_value: Option<&str>) -> Result<&str, AuthError> {
+#[cfg(test)]
+fn bearer_token(header_value: Option<&str>) -> Result<&str, AuthError> {
     let token = bearer_credentials(header_value)?;
     check_b64token(token)?;
     Ok(token)
 }
 
-/// The part of [`bearer_token`] that finds the token, without looking at its characters: a
+/// The part of `bearer_token` that finds the token, without looking at its characters: a
 /// token found in the verified cache was checked when it was verified, so the per-byte pass
 /// runs only on a miss.
 fn bearer_credentials(header_value: Option<&str>) -> Result<&str, AuthError> {
@@ -187,15 +188,15 @@ fn check_b64token(token: &str) -> Result<(), AuthError> {
 pub struct AuthSlot(std::sync::RwLock<Authenticator>);
 
 impl AuthSlot {
-    pub fn new(auth: Authenticator) -> Self {
+    pub(crate) fn new(auth: Authenticator) -> Self {
         AuthSlot(std::sync::RwLock::new(auth))
     }
 
-    pub fn current(&self) -> Authenticator {
+    pub(crate) fn current(&self) -> Authenticator {
         self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    pub fn replace(&self, auth: Authenticator) {
+    pub(crate) fn replace(&self, auth: Authenticator) {
         *self.0.write().unwrap_or_else(|e| e.into_inner()) = auth;
     }
 }
@@ -420,11 +421,6 @@ impl Authenticator {
             leeway: LEEWAY_SECS,
             metrics: None,
         }
-    }
-
-    /// The issuer tokens must carry.
-    pub fn issuer(&self) -> &str {
-        &self.inner.issuer
     }
 
     /// True once a JWKS with at least one usable key has been loaded (the readiness check).

@@ -12,7 +12,7 @@ use crate::model::{MessageGroupId, Sk, MAX_SK_BYTES};
 /// characters, but an sk is kept as stored, surrounding whitespace included, and the server must
 /// accept every cursor it gave out (found by fuzzing: a padded sk made a cursor over the old
 /// limit of 512, so its next page was a 400).
-pub const MAX_LEN: usize = (3 + 36 + 1 + MAX_SK_BYTES).div_ceil(3) * 4;
+pub(crate) const MAX_LEN: usize = (3 + 36 + 1 + MAX_SK_BYTES).div_ceil(3) * 4;
 
 /// Where a page of messages ends: everything older than this sk comes next.
 pub fn encode_message(sk: &Sk) -> String {

@@ -11,7 +11,7 @@ use super::auth::AuthError;
 use crate::cache::CacheError;
 
 #[derive(Debug)]
-pub struct ApiError {
+pub(crate) struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
@@ -26,15 +26,15 @@ struct Body_<'a> {
 }
 
 impl ApiError {
-    pub fn bad_request(message: impl Into<String>) -> Self {
+    pub(crate) fn bad_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
     }
 
-    pub fn not_found(message: impl Into<String>) -> Self {
+    pub(crate) fn not_found(message: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, "not_found", message)
     }
 
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         ApiError { status, code, message: message.into(), bearer_error: None }
     }
 }
@@ -77,7 +77,7 @@ impl IntoResponse for ApiError {
     }
 }
 
-pub fn json_error(status: StatusCode, code: &str, message: &str, bearer_error: Option<&str>) -> Response {
+pub(crate) fn json_error(status: StatusCode, code: &str, message: &str, bearer_error: Option<&str>) -> Response {
     let body = serde_json::to_vec(&Body_ { error: code, message }).unwrap_or_default();
     let mut res = Response::new(Body::from(body));
     *res.status_mut() = status;
@@ -94,7 +94,7 @@ pub fn json_error(status: StatusCode, code: &str, message: &str, bearer_error: O
 
 /// Gives the bodyless errors of the middleware stack (408 from the timeout layer, 413 from the
 /// body limit, 405 from method routing) the same JSON shape as ours.
-pub fn bodyless_errors_as_json(res: Response) -> Response {
+pub(crate) fn bodyless_errors_as_json(res: Response) -> Response {
     let status = res.status();
     if !(status.is_client_error() || status.is_server_error()) || res.headers().contains_key(header::CONTENT_TYPE) {
         return res;

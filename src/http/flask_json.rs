@@ -20,7 +20,7 @@ struct Sorted<'a> {
 }
 
 /// The body of a list response.
-pub fn body(entries: &[ApiEntry<'_>]) -> Vec<u8> {
+pub(crate) fn body(entries: &[ApiEntry<'_>]) -> Vec<u8> {
     let sorted: Vec<Sorted> = entries
         .iter()
         .map(|e| Sorted {

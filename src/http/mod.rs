@@ -2,17 +2,16 @@
 //! Both are axum routers served by one hyper accept loop, which owns what tower cannot: the
 //! header-read timeout, the header size limit, the connection cap and the graceful drain.
 
-pub mod admin;
-pub mod api;
+pub(crate) mod admin;
+pub(crate) mod api;
 pub mod auth;
 /// Public for the fuzz targets (`fuzz/`); the API is its only user.
 pub mod cursor;
 mod error;
 mod flask_json;
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -22,8 +21,10 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+use crate::heartbeat::Heartbeat;
+
 /// Request heads larger than this are refused with 431 by hyper. Cognito tokens are 1-2 KB.
-pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+pub(crate) const MAX_HEADER_BYTES: usize = 16 * 1024;
 
 #[derive(Clone, Debug)]
 pub struct ServeOptions {
@@ -43,44 +44,16 @@ impl From<&crate::config::HttpConfig> for ServeOptions {
 }
 
 /// How often a serving accept loop records that it is still turning.
-pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
-
-/// When a loop last made a turn: the accept loop beats it at least every
-/// [`HEARTBEAT_INTERVAL`] while it runs, so a stale one means the loop (or the runtime under it)
-/// is stuck. The systemd watchdog reads it.
-#[derive(Debug)]
-pub struct Heartbeat {
-    started: Instant,
-    /// Milliseconds since `started` of the last beat.
-    last_ms: AtomicU64,
-}
-
-impl Default for Heartbeat {
-    fn default() -> Self {
-        Heartbeat { started: Instant::now(), last_ms: AtomicU64::new(0) }
-    }
-}
-
-impl Heartbeat {
-    pub fn beat(&self) {
-        let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_ms.store(ms, Ordering::Release);
-    }
-
-    /// Time since the last beat (since creation when it never beat).
-    pub fn age(&self) -> Duration {
-        self.started.elapsed().saturating_sub(Duration::from_millis(self.last_ms.load(Ordering::Acquire)))
-    }
-}
+pub(crate) const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Serves `router` until `shutdown` is cancelled, then stops accepting and lets in-flight
 /// requests finish for at most `shutdown_grace` before closing what is left.
 pub async fn serve(listener: TcpListener, router: Router, opts: ServeOptions, shutdown: CancellationToken) {
-    serve_with_heartbeat(listener, router, opts, shutdown, Arc::new(Heartbeat::default())).await
+    serve_with_heartbeat(listener, router, opts, shutdown, Arc::new(Heartbeat::new())).await
 }
 
 /// [`serve`], beating `heartbeat` from inside the accept loop while it runs.
-pub async fn serve_with_heartbeat(
+pub(crate) async fn serve_with_heartbeat(
     listener: TcpListener,
     router: Router,
     opts: ServeOptions,

@@ -15,17 +15,17 @@ use sqlx::{Connection, PgConnection};
 
 use crate::error::{Error, Result};
 use crate::pg;
-use crate::stream::tailer::SavedPositions;
+use crate::stream::SavedPositions;
 use crate::stream::{Progress, ShardId};
 
 /// The advisory lock key of the projector ("cruddurP"); reconciliation uses "cruddurR".
-pub const LOCK_KEY: i64 = 0x6372_7564_6475_7250;
+pub(crate) const LOCK_KEY: i64 = 0x6372_7564_6475_7250;
 
 /// Where checkpoints live (created when missing, by the instance that holds the lock).
-pub const TABLE: &str = "cruddur_syncd_projector_checkpoint";
+pub(crate) const TABLE: &str = "cruddur_syncd_projector_checkpoint";
 
 /// The table, for operators who create it by hand (a role without CREATE on the schema).
-pub const DDL: &str = "CREATE TABLE IF NOT EXISTS cruddur_syncd_projector_checkpoint (
+pub(crate) const DDL: &str = "CREATE TABLE IF NOT EXISTS cruddur_syncd_projector_checkpoint (
     stream_arn text NOT NULL,
     shard_id text NOT NULL,
     sequence_number text,
@@ -35,7 +35,7 @@ pub const DDL: &str = "CREATE TABLE IF NOT EXISTS cruddur_syncd_projector_checkp
 )";
 
 /// The projector's own PostgreSQL session, holding the lock.
-pub struct LockConn {
+pub(crate) struct LockConn {
     conn: PgConnection,
     target: String,
     /// The stream whose checkpoints were last written: rows of older streams are dropped when
@@ -47,7 +47,7 @@ pub struct LockConn {
 ///
 /// Every future here is boxed: it proves `Send` where the lifetimes are concrete, which sqlx's
 /// `Executor` impls need when the caller is generic (the projector is, over its stream source).
-pub async fn try_lock(opts: &PgConnectOptions, connect_timeout: Duration) -> Result<Option<LockConn>> {
+pub(crate) async fn try_lock(opts: &PgConnectOptions, connect_timeout: Duration) -> Result<Option<LockConn>> {
     let target = pg::describe(opts);
     let cfg = crate::config::PostgresConfig { connect_timeout, ..Default::default() };
     let mut conn = match tokio::time::timeout(connect_timeout, PgConnection::connect_with(opts)).await {
@@ -68,12 +68,12 @@ pub async fn try_lock(opts: &PgConnectOptions, connect_timeout: Duration) -> Res
 }
 
 impl LockConn {
-    pub fn target(&self) -> &str {
+    pub(crate) fn target(&self) -> &str {
         &self.target
     }
 
     /// Creates the checkpoint table if it is missing.
-    pub fn ensure_table(&mut self) -> BoxFuture<'_, Result<()>> {
+    pub(crate) fn ensure_table(&mut self) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
             sqlx::query(DDL).execute(&mut self.conn).await.map_err(|e| {
                 let base = pg::query_error(&self.target, &format!("creating table {TABLE}"), e);
@@ -114,7 +114,7 @@ impl LockConn {
     }
 
     /// Saves how far a shard was applied.
-    pub fn save<'a>(&'a mut self, p: &'a Progress) -> BoxFuture<'a, Result<()>> {
+    pub(crate) fn save<'a>(&'a mut self, p: &'a Progress) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
             if self.current_arn.as_deref() != Some(p.stream_arn.as_str()) {
                 sqlx::query(&format!("DELETE FROM {TABLE} WHERE stream_arn <> $1"))
@@ -143,7 +143,7 @@ impl LockConn {
     }
 
     /// Whether the session (and with it the lock) is still alive.
-    pub fn ping(&mut self) -> BoxFuture<'_, Result<()>> {
+    pub(crate) fn ping(&mut self) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
             sqlx::query("SELECT 1")
                 .execute(&mut self.conn)
@@ -154,7 +154,7 @@ impl LockConn {
     }
 
     /// Gives the lock back and ends the session.
-    pub fn release(mut self) -> BoxFuture<'static, ()> {
+    pub(crate) fn release(mut self) -> BoxFuture<'static, ()> {
         Box::pin(async move {
             let _ = sqlx::query("SELECT pg_advisory_unlock($1)").bind(LOCK_KEY).execute(&mut self.conn).await;
             let _ = self.conn.close().await;

@@ -15,9 +15,9 @@
 //! and doubles nothing. Losing the session (the checkpoint or the periodic ping fails) stops
 //! the tailer; another instance, or this one later, takes over.
 
-pub mod checkpoint;
-pub mod rows;
-pub mod sink;
+pub(crate) mod checkpoint;
+pub(crate) mod rows;
+pub(crate) mod sink;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,13 +30,13 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{InitialPosition, ProjectorConfig, StreamConfig};
 use crate::metrics::Metrics;
 use crate::store::Store;
-use crate::stream::tailer::{FreshStart, StartPlan, Tailer};
 use crate::stream::StreamSource;
+use crate::stream::{FreshStart, StartPlan, Tailer};
 use checkpoint::LockConn;
 use sink::ProjectorSink;
 
 /// Everything the projector needs, from the daemon's config and clients.
-pub struct Projector<S> {
+pub(crate) struct Projector<S> {
     pub source: Arc<S>,
     pub store: Store,
     pub group_index: String,
@@ -55,7 +55,7 @@ impl<S: StreamSource> Projector<S> {
     ///
     /// Boxed so that the future's `Send` is proven here, where its lifetimes are concrete (the
     /// daemon spawns it).
-    pub fn run(self, stop: CancellationToken) -> BoxFuture<'static, ()> {
+    pub(crate) fn run(self, stop: CancellationToken) -> BoxFuture<'static, ()> {
         Box::pin(self.run_inner(stop))
     }
 
@@ -100,8 +100,8 @@ impl<S: StreamSource> Projector<S> {
         let described = self.store.client().describe_table().table_name(self.store.table()).send().await;
         let table = match described {
             Ok(out) => out.table,
-            Err(e) if crate::error::sdk_code(&e) == Some("ResourceNotFoundException") => return Ok(()),
-            Err(e) => return Err(crate::error::from_sdk(self.store.context("DescribeTable"), e)),
+            Err(e) if crate::aws::errors::code(&e) == Some("ResourceNotFoundException") => return Ok(()),
+            Err(e) => return Err(crate::aws::from_sdk(self.store.context("DescribeTable"), e)),
         };
         let has_index = table.as_ref().is_some_and(|t| {
             t.global_secondary_indexes().iter().any(|g| g.index_name() == Some(self.group_index.as_str()))

@@ -16,37 +16,40 @@
 //! writing checks it with a consistent read first ([`confirm`]). When a check fails, the caller
 //! reads the owners' partitions consistently ([`read_rows_consistent`]) and plans again.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use aws_sdk_dynamodb::config::http::HttpResponse;
 use aws_sdk_dynamodb::error::SdkError;
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::types::{AttributeValue, ConditionCheck, Delete, Put, TransactWriteItem};
 
-use crate::error::{from_sdk, is_request_fault_code, sdk_code, Error};
+use crate::aws::errors::{code as sdk_code, is_request_fault_code};
+use crate::aws::from_sdk;
+use crate::error::Error;
+use crate::model::Misfit;
 use crate::model::{MessageGroup, Pk, Sk, UserUuid};
-use crate::store::{decode_all, Misfit, RawItem, Store};
+use crate::store::{decode_all, RawItem, Store};
 
 /// DynamoDB's limit of items in one TransactWriteItems.
-pub const MAX_TRANSACTION_ITEMS: usize = 100;
+pub(crate) const MAX_TRANSACTION_ITEMS: usize = 100;
 
 /// Where a conversation's rows should point: a message's time and text.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Target {
+pub(crate) struct Target {
     /// In the canonical spelling this tool writes.
     pub sk: Sk,
     pub message: String,
 }
 
 impl Target {
-    pub fn new(sk: &Sk, message: impl Into<String>) -> Target {
+    pub(crate) fn new(sk: &Sk, message: impl Into<String>) -> Target {
         Target { sk: Sk::from_instant(sk.instant()), message: message.into() }
     }
 }
 
 /// What to do about one owner's rows of one conversation.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum OwnerPlan {
+pub(crate) enum OwnerPlan {
     /// Nothing to write.
     Keep { row: MessageGroup },
     /// The newest row stays; older duplicates beside it are deleted, in one transaction that
@@ -58,20 +61,20 @@ pub enum OwnerPlan {
 }
 
 impl OwnerPlan {
-    pub fn owner(&self) -> UserUuid {
+    pub(crate) fn owner(&self) -> UserUuid {
         match self {
             OwnerPlan::Keep { row } | OwnerPlan::DropDuplicates { keep: row, .. } => row.owner,
             OwnerPlan::Move { put, .. } => put.owner,
         }
     }
 
-    pub fn writes(&self) -> bool {
+    pub(crate) fn writes(&self) -> bool {
         !matches!(self, OwnerPlan::Keep { .. })
     }
 }
 
 /// Every row of a conversation, decoded, through the group index.
-pub async fn read_rows(store: &Store, index: &str, group: crate::model::MessageGroupId) -> Result<Rows, Error> {
+pub(crate) async fn read_rows(store: &Store, index: &str, group: crate::model::MessageGroupId) -> Result<Rows, Error> {
     let raw = store.query_group_index(index, group).await?;
     let (items, misfits) = decode_all(raw);
     let rows = items
@@ -86,7 +89,7 @@ pub async fn read_rows(store: &Store, index: &str, group: crate::model::MessageG
 
 /// Every row of a conversation that `owners` hold, read from their partitions with consistent
 /// reads (the index may lag the table): what a plan is made from again after a check failed.
-pub async fn read_rows_consistent(
+pub(crate) async fn read_rows_consistent(
     store: &Store,
     group: crate::model::MessageGroupId,
     owners: &[UserUuid],
@@ -105,7 +108,7 @@ pub async fn read_rows_consistent(
 
 /// Whether `row` exists in the table as read (consistent read of its key, same text): a plan
 /// that keeps it without writing must not rest on a stale index read.
-pub async fn confirm(store: &Store, row: &MessageGroup) -> Result<(), MoveError> {
+pub(crate) async fn confirm(store: &Store, row: &MessageGroup) -> Result<(), MoveError> {
     let key = crate::model::ItemKey { pk: Pk::Groups(row.owner), sk: row.sk.clone() };
     let found = store.get_item(&key).await.map_err(MoveError::from)?;
     let attr = |name: &str| found.as_ref().and_then(|item| item.get(name)).and_then(|v| v.as_s().ok()).cloned();
@@ -123,7 +126,7 @@ pub async fn confirm(store: &Store, row: &MessageGroup) -> Result<(), MoveError>
 
 /// A conversation's rows as read, and the items that did not fit the model.
 #[derive(Debug, Default)]
-pub struct Rows {
+pub(crate) struct Rows {
     pub rows: Vec<MessageGroup>,
     pub misfits: Vec<Misfit>,
 }
@@ -143,7 +146,7 @@ fn by_owner(rows: Vec<MessageGroup>) -> BTreeMap<UserUuid, Vec<MessageGroup>> {
 /// The projector's plan: each owner's rows move forward to `target`, never back. An owner whose
 /// newest row is already at or after the target's instant keeps it (the record is stale or a
 /// replay) and loses only older duplicates.
-pub fn plan_forward(rows: Vec<MessageGroup>, target: &Target) -> Vec<OwnerPlan> {
+pub(crate) fn plan_forward(rows: Vec<MessageGroup>, target: &Target) -> Vec<OwnerPlan> {
     by_owner(rows)
         .into_values()
         .map(|mut rows| {
@@ -167,7 +170,7 @@ pub fn plan_forward(rows: Vec<MessageGroup>, target: &Target) -> Vec<OwnerPlan> 
 /// The repair tool's plan: each owner ends with exactly one row, at the target's instant with
 /// its text, whichever way that is (a row ahead of every message goes back). A single row at
 /// the right instant with the right text is kept whatever its spelling.
-pub fn plan_exact(rows: Vec<MessageGroup>, target: &Target) -> Vec<OwnerPlan> {
+pub(crate) fn plan_exact(rows: Vec<MessageGroup>, target: &Target) -> Vec<OwnerPlan> {
     by_owner(rows)
         .into_values()
         .map(|rows| {
@@ -185,7 +188,7 @@ pub fn plan_exact(rows: Vec<MessageGroup>, target: &Target) -> Vec<OwnerPlan> {
 
 /// Why a plan could not be written.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum MoveError {
+pub(crate) enum MoveError {
     /// Another writer changed the rows since they were read: read again.
     #[error("{0}")]
     Conflict(String),
@@ -211,7 +214,7 @@ impl From<Error> for MoveError {
 
 /// What [`execute`] wrote.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Written {
+pub(crate) struct Written {
     /// Rows put at a new position (or rewritten in place).
     pub moved: usize,
     /// Rows deleted without a replacement (duplicates).
@@ -219,7 +222,7 @@ pub struct Written {
 }
 
 /// Writes one owner's plan.
-pub async fn execute(store: &Store, plan: &OwnerPlan) -> Result<Written, MoveError> {
+pub(crate) async fn execute(store: &Store, plan: &OwnerPlan) -> Result<Written, MoveError> {
     match plan {
         OwnerPlan::Keep { .. } => Ok(Written::default()),
         OwnerPlan::DropDuplicates { keep, drop } => {
@@ -257,16 +260,31 @@ fn describe(row: &MessageGroup) -> String {
 /// The row is still the one read: same key (pk and sk), conversation and text.
 const UNCHANGED: &str = "attribute_exists(pk) AND #m = :old AND #g = :group";
 
+/// The names and values [`UNCHANGED`] refers to, for `row`.
+struct AsRead {
+    names: HashMap<String, String>,
+    values: HashMap<String, AttributeValue>,
+}
+
+fn as_read(row: &MessageGroup) -> AsRead {
+    AsRead {
+        names: HashMap::from([("#m".into(), "message".into()), ("#g".into(), "message_group_uuid".into())]),
+        values: HashMap::from([
+            (":old".into(), AttributeValue::S(row.message.clone())),
+            (":group".into(), AttributeValue::S(row.message_group_uuid.to_string())),
+        ]),
+    }
+}
+
 /// A delete of `row` that only happens while it is exactly as read.
 fn conditional_delete(store: &Store, row: &MessageGroup) -> Result<TransactWriteItem, MoveError> {
+    let AsRead { names, values } = as_read(row);
     let d = Delete::builder()
         .table_name(store.table())
         .set_key(Some(key_of(row)))
         .condition_expression(UNCHANGED)
-        .expression_attribute_names("#m", "message")
-        .expression_attribute_names("#g", "message_group_uuid")
-        .expression_attribute_values(":old", AttributeValue::S(row.message.clone()))
-        .expression_attribute_values(":group", AttributeValue::S(row.message_group_uuid.to_string()))
+        .set_expression_attribute_names(Some(names))
+        .set_expression_attribute_values(Some(values))
         .build()
         .map_err(build_error)?;
     Ok(TransactWriteItem::builder().delete(d).build())
@@ -279,14 +297,13 @@ fn build_error(e: aws_sdk_dynamodb::error::BuildError) -> MoveError {
 /// Deletes `drop` beside `keep` in one transaction: every row as read, and `keep` still there
 /// as read (a ConditionCheck), or nothing at all.
 async fn transact_drop(store: &Store, keep: &MessageGroup, drop: &[MessageGroup]) -> Result<(), MoveError> {
+    let AsRead { names, values } = as_read(keep);
     let check = ConditionCheck::builder()
         .table_name(store.table())
         .set_key(Some(key_of(keep)))
         .condition_expression(UNCHANGED)
-        .expression_attribute_names("#m", "message")
-        .expression_attribute_names("#g", "message_group_uuid")
-        .expression_attribute_values(":old", AttributeValue::S(keep.message.clone()))
-        .expression_attribute_values(":group", AttributeValue::S(keep.message_group_uuid.to_string()))
+        .set_expression_attribute_names(Some(names))
+        .set_expression_attribute_values(Some(values))
         .build()
         .map_err(build_error)?;
     let mut request = store
@@ -319,12 +336,12 @@ async fn transact_move(
     let mut p = Put::builder().table_name(store.table()).set_item(Some(put.to_item()));
     p = match replaces {
         None => p.condition_expression("attribute_not_exists(pk)"),
-        Some(old) => p
-            .condition_expression(UNCHANGED)
-            .expression_attribute_names("#m", "message")
-            .expression_attribute_names("#g", "message_group_uuid")
-            .expression_attribute_values(":old", AttributeValue::S(old.message.clone()))
-            .expression_attribute_values(":group", AttributeValue::S(old.message_group_uuid.to_string())),
+        Some(old) => {
+            let AsRead { names, values } = as_read(old);
+            p.condition_expression(UNCHANGED)
+                .set_expression_attribute_names(Some(names))
+                .set_expression_attribute_values(Some(values))
+        }
     };
     request = request.transact_items(TransactWriteItem::builder().put(p.build().map_err(build_error)?).build());
     let what = format!("TransactWriteItems moving {} to {}", Pk::Groups(put.owner), put.sk);
@@ -390,16 +407,15 @@ fn classify_transaction(
 /// A delete outside a transaction, still only of the row as read.
 async fn delete_as_read(store: &Store, row: &MessageGroup) -> Result<(), MoveError> {
     let what = format!("DeleteItem {}", describe(row));
+    let AsRead { names, values } = as_read(row);
     let result = store
         .client()
         .delete_item()
         .table_name(store.table())
         .set_key(Some(key_of(row)))
         .condition_expression(UNCHANGED)
-        .expression_attribute_names("#m", "message")
-        .expression_attribute_names("#g", "message_group_uuid")
-        .expression_attribute_values(":old", AttributeValue::S(row.message.clone()))
-        .expression_attribute_values(":group", AttributeValue::S(row.message_group_uuid.to_string()))
+        .set_expression_attribute_names(Some(names))
+        .set_expression_attribute_values(Some(values))
         .send()
         .await;
     match result {

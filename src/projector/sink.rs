@@ -23,7 +23,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
-use rand::Rng;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -35,10 +34,11 @@ use super::rows::{
 use crate::config::ProjectorConfig;
 use crate::metrics::{Metrics, ReasonLabels};
 use crate::model::{decode_item, Item, ItemKey, Message, Pk, UserUuid};
+use crate::retry::{jitter, Backoff};
 use crate::store::Store;
 use crate::stream::{Change, ChangeRecord, ChangeSink, GapReason, Progress};
 
-/// First backoff step after a failure; doubled per failure up to [`BACKOFF_CAP`], jittered.
+/// Backoff after a failed attempt: up to this, doubling per failure up to [`BACKOFF_CAP`].
 const BACKOFF_BASE: Duration = Duration::from_millis(100);
 const BACKOFF_CAP: Duration = Duration::from_secs(5);
 /// Pause before reading again after a conflict: short, jittered, so two writers drift apart.
@@ -63,7 +63,7 @@ pub enum Outcome {
 
 impl Outcome {
     /// The `reason` of `projector_records_skipped_total`, for records that moved nothing.
-    pub fn skip_reason(self) -> Option<&'static str> {
+    pub(crate) fn skip_reason(self) -> Option<&'static str> {
         match self {
             Outcome::Moved { .. } => None,
             Outcome::Stale => Some("stale"),
@@ -76,7 +76,7 @@ impl Outcome {
 }
 
 /// Feeds stream records into row moves, and saves checkpoints through the lock connection.
-pub struct ProjectorSink {
+pub(crate) struct ProjectorSink {
     store: Store,
     index: String,
     cfg: ProjectorConfig,
@@ -88,7 +88,7 @@ pub struct ProjectorSink {
 }
 
 impl ProjectorSink {
-    pub fn new(
+    pub(crate) fn new(
         store: Store,
         index: impl Into<String>,
         cfg: ProjectorConfig,
@@ -100,7 +100,7 @@ impl ProjectorSink {
     }
 
     /// Handles one record to the end: moved, skipped, or given up.
-    pub async fn project(&self, record: &ChangeRecord) -> Outcome {
+    pub(crate) async fn project(&self, record: &ChangeRecord) -> Outcome {
         let started = Instant::now();
         let mut refusals = 0u32;
         let mut failures = 0u32;
@@ -109,6 +109,7 @@ impl ProjectorSink {
         let mut reread: Option<Vec<UserUuid>> = None;
         let mut conflicts_since: Option<Instant> = None;
         let mut transient_streak = false;
+        let mut backoff = Backoff::new(BACKOFF_BASE, BACKOFF_CAP);
         let outcome = loop {
             match self.attempt(record, reread.as_deref()).await {
                 Ok(Attempt::Done(outcome)) => {
@@ -153,8 +154,7 @@ impl ProjectorSink {
                             self.record_lag(record);
                         }
                     }
-                    let ceiling = BACKOFF_BASE.saturating_mul(1 << failures.min(10)).min(BACKOFF_CAP);
-                    tokio::time::sleep(ceiling / 2 + jitter(ceiling / 2)).await;
+                    tokio::time::sleep(backoff.next_delay()).await;
                 }
             }
         };
@@ -302,11 +302,6 @@ fn keys(record: &ChangeRecord) -> String {
         Change::Remove(key) | Change::Invalidate(key) => key.clone(),
     };
     format!("pk={} sk={}", key.pk, key.sk)
-}
-
-fn jitter(max: Duration) -> Duration {
-    let ms = u64::try_from(max.as_millis()).unwrap_or(u64::MAX);
-    Duration::from_millis(rand::thread_rng().gen_range(0..=ms))
 }
 
 impl ChangeSink for ProjectorSink {

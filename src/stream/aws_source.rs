@@ -1,12 +1,13 @@
 //! [`StreamSource`] over the real SDK clients (AWS, or moto in tests).
 
+use aws_sdk_dynamodbstreams::config::http::HttpResponse;
 use aws_sdk_dynamodbstreams::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodbstreams::types::ShardIteratorType;
 
 use super::source::{
     Position, RecordsPage, ShardId, ShardInfo, ShardIterator, ShardPage, SourceError, StreamSource, TableStream,
 };
-use crate::aws::Clients;
+use crate::aws::errors;
 
 /// Reads through the DynamoDB client (DescribeTable) and the Streams client (everything else).
 #[derive(Clone, Debug)]
@@ -19,34 +20,13 @@ impl AwsSource {
     pub fn new(dynamodb: aws_sdk_dynamodb::Client, streams: aws_sdk_dynamodbstreams::Client) -> Self {
         Self { dynamodb, streams }
     }
-
-    pub fn from_clients(clients: &Clients) -> Self {
-        Self::new(clients.dynamodb.clone(), clients.streams.clone())
-    }
 }
-
-/// What an operation-specific error predicate recognised.
-enum Known {
-    Expired,
-    Trimmed,
-    NotFound,
-    Throttled,
-}
-
-/// Error codes that mean "slow down or try again", whichever operation returned them.
-const RETRYABLE_CODES: &[&str] = &[
-    "LimitExceededException",
-    "ProvisionedThroughputExceededException",
-    "ThrottlingException",
-    "RequestLimitExceeded",
-    "InternalServerError",
-    "ServiceUnavailable",
-];
 
 /// Error text goes into logs and status; moto's HTML bodies must not flood them.
 const MAX_ERROR_TEXT: usize = 400;
 
-fn classify<E>(context: &str, err: SdkError<E>, known: Option<Known>) -> SourceError
+/// What a failed stream operation means for the tailer.
+fn classify<E>(context: &str, err: SdkError<E, HttpResponse>) -> SourceError
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
 {
@@ -56,23 +36,16 @@ where
         text.truncate(end);
         text.push_str("...");
     }
-    match known {
-        Some(Known::Expired) => return SourceError::ExpiredIterator(text),
-        Some(Known::Trimmed) => return SourceError::TrimmedDataAccess(text),
-        Some(Known::NotFound) => return SourceError::ResourceNotFound(text),
-        Some(Known::Throttled) => return SourceError::Throttled(text),
-        None => {}
+    match errors::code(&err) {
+        Some("ExpiredIteratorException") => SourceError::ExpiredIterator(text),
+        Some("TrimmedDataAccessException") => SourceError::TrimmedDataAccess(text),
+        Some("ResourceNotFoundException") => SourceError::ResourceNotFound(text),
+        _ => match errors::classify(&err) {
+            errors::Class::Transient => SourceError::Throttled(text),
+            // A dropped connection may be the iterator's fault: the reader counts these apart.
+            errors::Class::NoAnswer | errors::Class::Code | errors::Class::Other => SourceError::Other(text),
+        },
     }
-    let code = err.as_service_error().and_then(|e| e.code());
-    if code.is_some_and(|c| RETRYABLE_CODES.contains(&c)) {
-        return SourceError::Throttled(text);
-    }
-    // moto answers bad input with an HTML 500 that has no error code at all.
-    let status = err.raw_response().map(|r| r.status().as_u16());
-    if status.is_some_and(|s| s >= 500 || s == 429) {
-        return SourceError::Throttled(text);
-    }
-    SourceError::Other(text)
 }
 
 fn iterator_type(position: &Position) -> (ShardIteratorType, Option<&str>) {
@@ -89,19 +62,10 @@ impl StreamSource for AwsSource {
         let out = match self.dynamodb.describe_table().table_name(table).send().await {
             Ok(out) => out,
             Err(err) => {
-                let known = err.as_service_error().and_then(|e| {
-                    if e.is_resource_not_found_exception() {
-                        Some(Known::NotFound)
-                    } else if e.is_internal_server_error() {
-                        Some(Known::Throttled)
-                    } else {
-                        None
-                    }
-                });
-                if matches!(known, Some(Known::NotFound)) {
-                    return Ok(TableStream::TableMissing);
-                }
-                return Err(classify(&format!("DescribeTable {table}"), err, known));
+                return match classify(&format!("DescribeTable {table}"), err) {
+                    SourceError::ResourceNotFound(_) => Ok(TableStream::TableMissing),
+                    other => Err(other),
+                };
             }
         };
         let Some(t) = out.table else {
@@ -129,18 +93,7 @@ impl StreamSource for AwsSource {
             .set_exclusive_start_shard_id(exclusive_start.map(|s| s.0.clone()))
             .send()
             .await
-            .map_err(|err| {
-                let known = err.as_service_error().and_then(|e| {
-                    if e.is_resource_not_found_exception() {
-                        Some(Known::NotFound)
-                    } else if e.is_internal_server_error() {
-                        Some(Known::Throttled)
-                    } else {
-                        None
-                    }
-                });
-                classify(&format!("DescribeStream {stream_arn}"), err, known)
-            })?;
+            .map_err(|err| classify(&format!("DescribeStream {stream_arn}"), err))?;
         let Some(desc) = out.stream_description else {
             return Err(SourceError::Other(format!(
                 "DescribeStream {stream_arn}: the answer has no StreamDescription"
@@ -180,42 +133,20 @@ impl StreamSource for AwsSource {
             .set_sequence_number(sequence.map(str::to_string))
             .send()
             .await
-            .map_err(|err| {
-                let known = err.as_service_error().and_then(|e| {
-                    if e.is_resource_not_found_exception() {
-                        Some(Known::NotFound)
-                    } else if e.is_trimmed_data_access_exception() {
-                        Some(Known::Trimmed)
-                    } else if e.is_internal_server_error() {
-                        Some(Known::Throttled)
-                    } else {
-                        None
-                    }
-                });
-                classify(&format!("GetShardIterator {shard} {position}"), err, known)
-            })?;
+            .map_err(|err| classify(&format!("GetShardIterator {shard} {position}"), err))?;
         out.shard_iterator.map(ShardIterator).ok_or_else(|| {
             SourceError::Other(format!("GetShardIterator {shard} {position}: the answer has no ShardIterator"))
         })
     }
 
     async fn get_records(&self, iterator: &ShardIterator) -> Result<RecordsPage, SourceError> {
-        let out = self.streams.get_records().shard_iterator(iterator.0.as_str()).send().await.map_err(|err| {
-            let known = err.as_service_error().and_then(|e| {
-                if e.is_expired_iterator_exception() {
-                    Some(Known::Expired)
-                } else if e.is_trimmed_data_access_exception() {
-                    Some(Known::Trimmed)
-                } else if e.is_resource_not_found_exception() {
-                    Some(Known::NotFound)
-                } else if e.is_limit_exceeded_exception() || e.is_internal_server_error() {
-                    Some(Known::Throttled)
-                } else {
-                    None
-                }
-            });
-            classify("GetRecords", err, known)
-        })?;
+        let out = self
+            .streams
+            .get_records()
+            .shard_iterator(iterator.0.as_str())
+            .send()
+            .await
+            .map_err(|err| classify("GetRecords", err))?;
         Ok(RecordsPage {
             records: out.records.unwrap_or_default(),
             next_iterator: out.next_shard_iterator.map(ShardIterator),

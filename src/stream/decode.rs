@@ -49,7 +49,7 @@ impl SkipError {
 }
 
 /// The event name of a record, when it is one of the three DynamoDB defines.
-pub fn event_of(record: &Record) -> Result<StreamEvent, SkipError> {
+pub(crate) fn event_of(record: &Record) -> Result<StreamEvent, SkipError> {
     match record.event_name() {
         Some(OperationType::Insert) => Ok(StreamEvent::INSERT),
         Some(OperationType::Modify) => Ok(StreamEvent::MODIFY),
@@ -80,7 +80,7 @@ pub fn decode_record(shard: &ShardId, record: &Record) -> Result<ChangeRecord, S
     })
 }
 
-pub fn to_chrono(t: &aws_smithy_types::DateTime) -> Option<DateTime<Utc>> {
+pub(crate) fn to_chrono(t: &aws_smithy_types::DateTime) -> Option<DateTime<Utc>> {
     DateTime::from_timestamp(t.secs(), t.subsec_nanos())
 }
 

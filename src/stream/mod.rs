@@ -1,20 +1,27 @@
 //! The DynamoDB Streams tailer: follows every shard of the table's stream and hands decoded
 //! changes, in order per shard, to a [`ChangeSink`] (the cache).
 //!
-//! This file holds the interface between the tailer and its consumer; the tailer itself, the
-//! source trait it reads through and the AWS implementation of that trait live beside it.
+//! This file holds the interface between the tailer and its consumer. Beside it: what the
+//! tailer publishes ([`status`]), how it is built ([`tailer`]), the shard tree ([`coordinator`])
+//! and one shard's reader ([`reader`]), the source trait it reads through ([`source`]) with its
+//! AWS implementation ([`aws_source`]), and the record decoding ([`decode`]).
 
 use std::future::Future;
 
-pub mod aws_source;
+pub(crate) mod aws_source;
+mod coordinator;
 pub mod decode;
+mod reader;
+#[cfg(any(test, feature = "test-support"))]
 pub mod scripted;
 pub mod source;
-pub mod tailer;
+pub(crate) mod status;
+pub(crate) mod tailer;
 
 pub use aws_source::AwsSource;
 pub use source::{ShardId, StreamSource};
-pub use tailer::{FreshStart, SavedPositions, StartPlan, Tailer, TailerState, TailerStatus};
+pub use status::{FreshStart, SavedPositions, StartPlan, TailerState, TailerStatus, TurnBounds};
+pub use tailer::Tailer;
 
 use chrono::{DateTime, Utc};
 
@@ -49,7 +56,7 @@ pub trait ChangeSink: Send + Sync + 'static {
     /// order, and does not read that shard further until the page's last has returned. Each
     /// return counts as the reader's progress (`TailerStatus::last_progress`): a sink whose
     /// tailer's status is watched (the cache's, by `/livez` and the watchdog) must return within
-    /// [`tailer::TurnBounds::delivery`]. The projector's retries take longer; nothing watches its
+    /// [`TurnBounds::delivery`]. The projector's retries take longer; nothing watches its
     /// tailer.
     fn apply(&self, record: ChangeRecord) -> impl Future<Output = ()> + Send;
 

@@ -53,7 +53,7 @@ pub struct ShardInfo {
 }
 
 impl ShardInfo {
-    pub fn is_open(&self) -> bool {
+    pub(crate) fn is_open(&self) -> bool {
         self.ending_sequence_number.is_none()
     }
 }

@@ -1,10 +1,8 @@
-//! `cruddur-syncd cognito ...`: the user pool.
+//! `cruddur-syncd cognito ...`: the user pool, as lines on the terminal (the listing itself is
+//! [`crate::cognito`]'s).
 
 use std::io::Write;
-use std::time::Duration;
 
-use aws_sdk_cognitoidentityprovider::config::retry::RetryConfig;
-use aws_sdk_cognitoidentityprovider::operation::list_users::ListUsersOutput;
 use aws_sdk_cognitoidentityprovider::types::{
     AttributeType, ExplicitAuthFlowsType, MessageActionType, UserPoolClientDescription, UserType,
 };
@@ -12,15 +10,14 @@ use aws_sdk_cognitoidentityprovider::Client;
 use serde::Serialize;
 
 use super::JsonLines;
+use crate::aws::errors::code as sdk_code;
+use crate::aws::from_sdk;
 use crate::config::Config;
-use crate::error::{from_sdk, sdk_code, Error, Result};
+use crate::error::{Error, Result};
 use crate::{demo, model};
 
-/// ListUsers' page size limit on real Cognito.
-pub const PAGE_SIZE: i32 = 60;
-
 #[derive(Serialize)]
-pub struct UserLine {
+pub(crate) struct UserLine {
     pub username: Option<String>,
     pub sub: Option<String>,
     pub preferred_username: Option<String>,
@@ -32,7 +29,7 @@ pub struct UserLine {
 }
 
 impl UserLine {
-    pub fn from_user(u: &UserType) -> Self {
+    pub(crate) fn from_user(u: &UserType) -> Self {
         let attributes: std::collections::BTreeMap<String, String> =
             u.attributes().iter().map(|a| (a.name().to_string(), a.value().unwrap_or_default().to_string())).collect();
         UserLine {
@@ -51,129 +48,9 @@ impl UserLine {
     }
 }
 
-/// Every user of the pool, page by page; `each` sees every page as it arrives. No rate limit;
-/// throttling errors are retried with backoff like in [`for_each_user_page_paced`].
-pub async fn for_each_user_page(
-    client: &Client,
-    endpoint: &str,
-    pool_id: &str,
-    each: impl FnMut(&[UserType]) -> Result<()>,
-) -> Result<usize> {
-    for_each_user_page_paced(client, endpoint, pool_id, &mut Pacer::unlimited(), each).await
-}
-
-/// Like [`for_each_user_page`], with every ListUsers call (retries included) spaced by `pacer`.
-///
-/// With a rate limit the SDK's own retries are switched off for these calls, so that no attempt
-/// escapes the pacer: throttling (`TooManyRequestsException`, `LimitExceededException`) is retried
-/// here, with exponential backoff and jitter, up to [`THROTTLE_ATTEMPTS`] attempts per page.
-pub async fn for_each_user_page_paced(
-    client: &Client,
-    endpoint: &str,
-    pool_id: &str,
-    pacer: &mut Pacer,
-    mut each: impl FnMut(&[UserType]) -> Result<()>,
-) -> Result<usize> {
-    let mut token: Option<String> = None;
-    let mut n = 0;
-    loop {
-        let page = list_page(client, endpoint, pool_id, token.take(), pacer).await?;
-        n += page.users().len();
-        each(page.users())?;
-        match page.pagination_token {
-            Some(t) if !t.is_empty() => token = Some(t),
-            _ => return Ok(n),
-        }
-    }
-}
-
-/// Attempts per ListUsers page while Cognito throttles, before the listing fails as a whole.
-pub const THROTTLE_ATTEMPTS: u32 = 6;
-const THROTTLE_FIRST_BACKOFF: Duration = Duration::from_millis(250);
-const THROTTLE_MAX_BACKOFF: Duration = Duration::from_secs(8);
-
-/// Cognito's throttling error codes.
-pub fn is_throttling(code: Option<&str>) -> bool {
-    matches!(code, Some("TooManyRequestsException" | "LimitExceededException" | "ThrottlingException"))
-}
-
-async fn list_page(
-    client: &Client,
-    endpoint: &str,
-    pool_id: &str,
-    token: Option<String>,
-    pacer: &mut Pacer,
-) -> Result<ListUsersOutput> {
-    let context = || format!("Cognito ListUsers of pool {pool_id} at {endpoint}");
-    let mut backoff = THROTTLE_FIRST_BACKOFF;
-    let mut attempt = 1;
-    loop {
-        pacer.wait().await;
-        let request = client.list_users().user_pool_id(pool_id).limit(PAGE_SIZE).set_pagination_token(token.clone());
-        let result = if pacer.is_limited() {
-            request
-                .customize()
-                .config_override(
-                    aws_sdk_cognitoidentityprovider::Config::builder().retry_config(RetryConfig::disabled()),
-                )
-                .send()
-                .await
-        } else {
-            request.send().await
-        };
-        match result {
-            Ok(page) => return Ok(page),
-            Err(e) if is_throttling(sdk_code(&e)) => {
-                let code = sdk_code(&e).unwrap_or_default().to_string();
-                if attempt >= THROTTLE_ATTEMPTS {
-                    return Err(Error::Unavailable(format!(
-                        "{}: still throttled ({code}) after {THROTTLE_ATTEMPTS} attempts",
-                        context()
-                    )));
-                }
-                let pause = backoff + backoff.mul_f64(rand::random::<f64>() * 0.5);
-                tracing::debug!(%code, attempt, pause = ?pause, "Cognito throttled ListUsers; backing off");
-                tokio::time::sleep(pause).await;
-                backoff = (backoff * 2).min(THROTTLE_MAX_BACKOFF);
-                attempt += 1;
-            }
-            Err(e) => return Err(from_sdk(context(), e)),
-        }
-    }
-}
-
-/// Spaces calls at least `1 / max_rps` seconds apart: a simple interval pacer, which keeps the
-/// rate under the limit over any window without bursts.
-#[derive(Debug)]
-pub struct Pacer {
-    interval: Duration,
-    next: Option<tokio::time::Instant>,
-}
-
-impl Pacer {
-    pub fn per_second(max_rps: u32) -> Pacer {
-        Pacer { interval: Duration::from_secs(1) / max_rps.max(1), next: None }
-    }
-
-    pub fn unlimited() -> Pacer {
-        Pacer { interval: Duration::ZERO, next: None }
-    }
-
-    pub fn is_limited(&self) -> bool {
-        !self.interval.is_zero()
-    }
-
-    /// Returns when the next call may start (at once for the first one).
-    pub async fn wait(&mut self) {
-        let now = tokio::time::Instant::now();
-        let at = self.next.map_or(now, |n| n.max(now));
-        tokio::time::sleep_until(at).await;
-        self.next = Some(at + self.interval);
-    }
-}
-
 pub async fn list_users(cfg: &Config, client: &Client, endpoint: &str, out: &mut JsonLines<impl Write>) -> Result<()> {
-    let n = for_each_user_page(client, endpoint, &cfg.auth.user_pool_id, |users| {
+    let mut pacer = crate::cognito::Pacer::unlimited();
+    let n = crate::cognito::for_each_user_page(client, endpoint, &cfg.auth.user_pool_id, &mut pacer, |users| {
         users.iter().try_for_each(|u| out.emit(&UserLine::from_user(u)))
     })
     .await?;
@@ -181,8 +58,8 @@ pub async fn list_users(cfg: &Config, client: &Client, endpoint: &str, out: &mut
     Ok(())
 }
 
-pub const LOCAL_POOL_NAME: &str = "cruddur-local";
-pub const LOCAL_CLIENT_NAME: &str = "cruddur-syncd-local";
+pub(crate) const LOCAL_POOL_NAME: &str = "cruddur-local";
+pub(crate) const LOCAL_CLIENT_NAME: &str = "cruddur-syncd-local";
 
 #[derive(Serialize)]
 struct CognitoSeedReport {
@@ -350,47 +227,4 @@ pub async fn token(cfg: &Config, client: &Client, endpoint: &str, username: &str
             _ => r.access_token,
         })
         .ok_or_else(|| Error::Failed(format!("Cognito at {endpoint} returned no token for {username:?}")))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test(start_paused = true)]
-    async fn pacer_spaces_calls_by_the_rate() {
-        let mut pacer = Pacer::per_second(5);
-        let start = tokio::time::Instant::now();
-        let mut at = Vec::new();
-        for _ in 0..4 {
-            pacer.wait().await;
-            at.push(start.elapsed());
-        }
-        let ms: Vec<u128> = at.iter().map(|d| d.as_millis()).collect();
-        assert_eq!(ms, [0, 200, 400, 600]);
-        // A slow caller does not earn a burst afterwards.
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        let before = start.elapsed();
-        pacer.wait().await;
-        pacer.wait().await;
-        assert_eq!((start.elapsed() - before).as_millis(), 200);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn unlimited_pacer_never_waits() {
-        let mut pacer = Pacer::unlimited();
-        let start = tokio::time::Instant::now();
-        for _ in 0..10 {
-            pacer.wait().await;
-        }
-        assert_eq!(start.elapsed(), Duration::ZERO);
-        assert!(!pacer.is_limited());
-    }
-
-    #[test]
-    fn throttling_codes() {
-        assert!(is_throttling(Some("TooManyRequestsException")));
-        assert!(is_throttling(Some("LimitExceededException")));
-        assert!(!is_throttling(Some("ResourceNotFoundException")));
-        assert!(!is_throttling(None));
-    }
 }

@@ -14,10 +14,13 @@ use serde::Serialize;
 use sqlx::PgPool;
 
 use super::JsonLines;
+use crate::aws::errors::code as sdk_code;
+use crate::aws::from_sdk;
 use crate::config::Config;
-use crate::error::{from_sdk, sdk_code, Error, Result};
+use crate::error::{Error, Result};
+use crate::model::Misfit;
 use crate::model::{conversation_list, item_to_json, MessageGroupId, Pk, UserUuid};
-use crate::store::{Misfit, Store};
+use crate::store::Store;
 use crate::{demo, pg};
 
 const ACTIVE_DEADLINE: Duration = Duration::from_secs(300);

@@ -326,8 +326,8 @@ async fn a_write_during_a_slow_load_wins() {
 }
 
 /// Requests queued behind a load that a flush overtook share one reload: the first of them
-/// loads under the new epoch and the rest are served what it loaded. (Each used to make its own
-/// load and keep none, so a burst on a hot key after a gap was a chain of slow Queries.)
+/// loads under the new epoch and the rest are served what it loaded, so a burst on a hot key
+/// after a gap is not a chain of slow Queries.
 #[tokio::test]
 async fn misses_queued_behind_a_load_a_flush_overtook_share_one_reload() {
     const QUERY: &str = "DynamoDB_20120810.Query";

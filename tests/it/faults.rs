@@ -262,7 +262,7 @@ async fn moto_restart_new_stream_arn_flushes_and_converges() {
 /// A replaced stream (moto cannot disable and re-enable one, so the scripted source plays the
 /// stream here) fed into the daemon's real cache: the cache is flushed, and
 /// `stream_resyncs_total` counts the gap once (the tailer counts what it reports; the cache
-/// used to count the flush again).
+/// does not count the flush again).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_replaced_stream_flushes_the_real_cache_and_counts_one_resync() {
     use cruddur_syncd::config::StreamConfig;

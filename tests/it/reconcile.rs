@@ -586,18 +586,19 @@ async fn cache_through(
     db: &TestDb,
     users_ttl: Duration,
 ) -> cruddur_syncd::cache::Cache {
-    use cruddur_syncd::cache::{Cache, Users};
+    use cruddur_syncd::cache::scripted::ScriptedStore;
+    use cruddur_syncd::cache::Cache;
+    use cruddur_syncd::pg::PgUsers;
     // Without TLS, so the proxy can see which statement an answer is for.
     let url = format!("{}?sslmode=disable", db.url.replace("127.0.0.1:5432", &proxy.addr.to_string()));
     let pool =
         sqlx::postgres::PgPoolOptions::new().max_connections(1).test_before_acquire(false).connect(&url).await.unwrap();
-    let moto = support::moto_url();
-    let store =
-        cruddur_syncd::store::Store::new(support::ddb_client(&support::sdk_config(&moto).await), "unused", moto);
     let cfg = cruddur_syncd::config::CacheConfig { users_ttl, ..Default::default() };
     let metrics = Arc::new(cruddur_syncd::metrics::Metrics::new());
-    // Room for the held answer on a loaded machine: the lookup's deadline runs meanwhile.
-    Cache::new(&cfg, Duration::from_secs(60), store, Users { pool, target: "proxied".into() }, metrics)
+    let users = Arc::new(PgUsers { pool, target: "proxied".into() });
+    // Room for the held answer on a loaded machine: the lookup's deadline runs meanwhile. The
+    // conversations store is never read here.
+    Cache::new(&cfg, Duration::from_secs(60), Arc::new(ScriptedStore::new()), users, metrics)
 }
 
 async fn user_row(pg: &PgPool, handle: &str, sub: Option<&str>) -> uuid::Uuid {

@@ -13,7 +13,7 @@ use cruddur_syncd::metrics::{ErrorLabels, Metrics, StreamErrorKind, StreamEvent}
 use cruddur_syncd::model::{Item, Message, MessageGroupId, MessageId, Sk, UserUuid};
 use cruddur_syncd::stream::scripted::{Op, ScriptedSource};
 use cruddur_syncd::stream::source::{Position, SourceError};
-use cruddur_syncd::stream::tailer::TurnBounds;
+use cruddur_syncd::stream::TurnBounds;
 use cruddur_syncd::stream::{
     Change, FreshStart, GapReason, Progress, SavedPositions, ShardId, StartPlan, Tailer, TailerState, TailerStatus,
 };
@@ -44,21 +44,23 @@ fn start_with(source: ScriptedSource, cfg: StreamConfig) -> Harness {
 }
 
 fn start_planned(source: ScriptedSource, cfg: StreamConfig, plan: StartPlan) -> Harness {
-    launch(source, cfg, plan, TurnBounds::default())
+    launch(source, cfg, plan, None)
 }
 
 /// A tailer whose turn limit is computed from `bounds`.
 fn start_bounded(source: ScriptedSource, bounds: TurnBounds) -> Harness {
-    launch(source, StreamConfig::default(), StartPlan::default(), bounds)
+    launch(source, StreamConfig::default(), StartPlan::default(), Some(bounds))
 }
 
-fn launch(source: ScriptedSource, cfg: StreamConfig, plan: StartPlan, bounds: TurnBounds) -> Harness {
+/// Without `bounds` the tailer is unwatched (no turn limit), as the projector's is.
+fn launch(source: ScriptedSource, cfg: StreamConfig, plan: StartPlan, bounds: Option<TurnBounds>) -> Harness {
     let source = Arc::new(source);
     let sink = Arc::new(RecordingSink::default());
     let metrics = Arc::new(Metrics::new());
-    let tailer = Tailer::new(Arc::clone(&source), "cruddur-messages", cfg, Arc::clone(&metrics))
-        .with_start(plan)
-        .with_bounds(bounds);
+    let mut tailer = Tailer::new(Arc::clone(&source), "cruddur-messages", cfg, Arc::clone(&metrics)).with_start(plan);
+    if let Some(bounds) = bounds {
+        tailer = tailer.with_bounds(bounds);
+    }
     let status = tailer.status();
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(tailer.run(Arc::clone(&sink), shutdown.clone()));
@@ -664,7 +666,7 @@ async fn saved_positions_of_another_stream_do_not_apply() {
 /// A slow service that still answers (every call takes nearly its whole bound) and a shard tree
 /// of several DescribeStream pages: the progress the tailer publishes never gets older than the
 /// turn limit it publishes beside it, so `/livez` and the watchdog do not call a slow loop
-/// stuck. (The coordinator used to publish only between syncs: five slow calls in a row.)
+/// stuck, however many slow calls the coordinator makes in a row.
 #[tokio::test(start_paused = true)]
 async fn slow_calls_and_a_paged_tree_stay_within_the_published_turn_limit() {
     let source = ScriptedSource::new("arn:stream/1", &["s-0", "s-1", "s-2", "s-3"]);
@@ -699,8 +701,7 @@ async fn slow_calls_and_a_paged_tree_stay_within_the_published_turn_limit() {
 
 /// A page whose every record waits nearly a whole delivery bound (a change queued behind slow
 /// loads of its key, one key after another): each record applied counts as progress, so a page
-/// that takes several turn limits in all is not called stuck. (A whole page used to count as one
-/// delivery.)
+/// that takes several turn limits in all is not called stuck.
 #[tokio::test(start_paused = true)]
 async fn a_page_of_slow_deliveries_stays_within_the_published_turn_limit() {
     let source = ScriptedSource::new("arn:stream/1", &["s-0"]);

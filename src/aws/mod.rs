@@ -1,4 +1,9 @@
-//! One `SdkConfig` and the three service clients, with the endpoint overrides of `[aws]`.
+//! One `SdkConfig` and the three service clients, with the endpoint overrides of `[aws]`, and
+//! what their errors mean ([`errors`]).
+
+pub(crate) mod errors;
+
+pub(crate) use errors::from_sdk;
 
 use std::time::Duration;
 
@@ -9,7 +14,7 @@ use aws_config::{BehaviorVersion, Region, SdkConfig};
 use crate::config::AwsConfig;
 
 /// Attempts per AWS call, the first included (the SDK's standard retry mode).
-pub const CALL_ATTEMPTS: u32 = 3;
+pub(crate) const CALL_ATTEMPTS: u32 = 3;
 /// The SDK's pause before retry `n` (from 1) is a random fraction of `RETRY_BASE * 2^(n-1)`,
 /// capped at the max backoff, so all pauses of one call add up to at most
 /// `(2^(CALL_ATTEMPTS-1) - 1) * RETRY_BASE`. The cap is set to the longest of them, so that a
@@ -19,7 +24,7 @@ const RETRY_BASE: Duration = Duration::from_secs(1);
 /// The longest one AWS call can take with every attempt and every pause between them. The SDK
 /// is told to give up then (`operation_timeout`), so a loop that makes one call per turn can
 /// promise its next turn by then, whatever the network does (see `TailerStatus::turn_limit`).
-pub fn call_bound(call_timeout: Duration) -> Duration {
+pub(crate) fn call_bound(call_timeout: Duration) -> Duration {
     call_timeout * CALL_ATTEMPTS + RETRY_BASE * ((1 << (CALL_ATTEMPTS - 1)) - 1)
 }
 
@@ -40,7 +45,7 @@ pub struct Endpoints {
     pub cognito: String,
 }
 
-pub async fn sdk_config(cfg: &AwsConfig) -> SdkConfig {
+pub(crate) async fn sdk_config(cfg: &AwsConfig) -> SdkConfig {
     let timeouts = TimeoutConfig::builder()
         .connect_timeout(Duration::from_secs(3))
         .operation_attempt_timeout(cfg.call_timeout)

@@ -7,21 +7,15 @@
 //! the same under a terminal, a container runtime or systemd.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use sd_notify::NotifyState;
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::cache::Cache;
-use crate::http::Heartbeat;
-use crate::stream::tailer::TailerStatus;
+use crate::health::Probes;
 
-/// The accept loop beats every second; this much silence means it (or the runtime) is stuck.
-pub const HTTP_STALL_LIMIT: Duration = Duration::from_secs(10);
 /// How often `STATUS=` is refreshed without a watchdog (with one: at every ping).
-pub const STATUS_INTERVAL: Duration = Duration::from_secs(5);
+pub(crate) const STATUS_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Set once `READY=1` went out: a reload only reports READY again after that.
 static READY_SENT: AtomicBool = AtomicBool::new(false);
@@ -35,7 +29,7 @@ fn send(states: &[NotifyState]) {
 /// The watchdog interval systemd asked for (`WATCHDOG_USEC`), if any. Like libsystemd's
 /// `sd_watchdog_enabled`, `WATCHDOG_PID` only has to match when it is set (sd-notify 0.4
 /// requires it, which a supervisor that sets only `WATCHDOG_USEC` would silently defeat).
-pub fn watchdog_timeout() -> Option<Duration> {
+pub(crate) fn watchdog_timeout() -> Option<Duration> {
     let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.trim().parse().ok()?;
     if let Ok(pid) = std::env::var("WATCHDOG_PID") {
         if pid.trim().parse::<u32>().ok()? != std::process::id() {
@@ -45,49 +39,9 @@ pub fn watchdog_timeout() -> Option<Duration> {
     (usec > 0).then(|| Duration::from_micros(usec))
 }
 
-/// What the daemon's loops look like from outside.
-#[derive(Clone)]
-pub struct Probes {
-    pub stream: watch::Receiver<TailerStatus>,
-    pub api: Arc<Heartbeat>,
-    pub cache: Arc<Cache>,
-}
-
-impl Probes {
-    /// "serving; 3 shards; 12,345 cached groups"
-    pub fn status_line(&self) -> String {
-        let shards = self.stream.borrow().shards_reading;
-        let groups = self.cache.cached_groups();
-        format!(
-            "serving; {} shard{}; {} cached group{}",
-            shards,
-            if shards == 1 { "" } else { "s" },
-            thousands(groups),
-            if groups == 1 { "" } else { "s" }
-        )
-    }
-
-    /// Why the daemon is not healthy, or None when both loops made progress recently.
-    ///
-    /// The stream loop is stuck only when it overran what its own timeouts allow
-    /// (`TailerStatus::turn_limit`): an AWS endpoint that does not answer makes every turn as
-    /// long as its calls' timeouts, and restarting the daemon would not bring the endpoint back
-    /// but would lose the cache that keeps serving meanwhile.
-    pub fn stuck(&self, watchdog: Duration) -> Option<String> {
-        if let Some(age) = self.stream.borrow().stuck_for(watchdog) {
-            return Some(format!("the stream loop made no progress for {}s", age.as_secs()));
-        }
-        let api_age = self.api.age();
-        if api_age > HTTP_STALL_LIMIT.max(watchdog) {
-            return Some(format!("the HTTP accept loop made no progress for {}s", api_age.as_secs()));
-        }
-        None
-    }
-}
-
 /// Waits until the tailer is positioned (or `stop`), then sends `READY=1` with a status, and
 /// keeps the status and the watchdog going until `stop` is cancelled.
-pub async fn supervise(probes: Probes, stop: CancellationToken) {
+pub(crate) async fn supervise(probes: Probes, stop: CancellationToken) {
     send(&[NotifyState::Status("starting: positioning on the stream")]);
     let mut stream = probes.stream.clone();
     tokio::select! {
@@ -133,7 +87,7 @@ pub async fn supervise(probes: Probes, stop: CancellationToken) {
 }
 
 /// `RELOADING=1` with the `MONOTONIC_USEC` that systemd ≥ 253 wants for `Type=notify-reload`.
-pub fn reloading() {
+pub(crate) fn reloading() {
     match NotifyState::monotonic_usec_now() {
         Ok(now) => send(&[NotifyState::Reloading, now, NotifyState::Status("reloading the config")]),
         Err(_) => send(&[NotifyState::Reloading, NotifyState::Status("reloading the config")]),
@@ -141,7 +95,7 @@ pub fn reloading() {
 }
 
 /// `READY=1` after a reload (only once the daemon was ready in the first place).
-pub fn reloaded(status: &str) {
+pub(crate) fn reloaded(status: &str) {
     if READY_SENT.load(Ordering::Acquire) {
         send(&[NotifyState::Ready, NotifyState::Status(status)]);
     } else {
@@ -149,32 +103,6 @@ pub fn reloaded(status: &str) {
     }
 }
 
-pub fn stopping() {
+pub(crate) fn stopping() {
     send(&[NotifyState::Stopping, NotifyState::Status("stopping: draining requests")]);
-}
-
-fn thousands(n: u64) -> String {
-    let digits = n.to_string();
-    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
-    for (i, ch) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(ch);
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::thousands;
-
-    #[test]
-    fn thousands_separators() {
-        assert_eq!(thousands(0), "0");
-        assert_eq!(thousands(999), "999");
-        assert_eq!(thousands(1000), "1,000");
-        assert_eq!(thousands(12_345), "12,345");
-        assert_eq!(thousands(1_234_567), "1,234,567");
-    }
 }

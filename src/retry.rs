@@ -1,0 +1,72 @@
+//! Backoff between retries, one way for every loop that retries: exponential with full jitter
+//! (AWS Architecture Blog, "Exponential Backoff And Jitter"), which spreads the retries of many
+//! callers instead of synchronising them.
+
+use std::time::Duration;
+
+use rand::Rng;
+
+#[derive(Debug, Clone)]
+pub(crate) struct Backoff {
+    base: Duration,
+    cap: Duration,
+    failures: u32,
+}
+
+impl Backoff {
+    /// The n-th delay (from 0) is a random duration up to `min(cap, base * 2^n)`.
+    pub(crate) fn new(base: Duration, cap: Duration) -> Self {
+        Backoff { base, cap, failures: 0 }
+    }
+
+    /// The delay before the next attempt; each call counts one more failure.
+    pub(crate) fn next_delay(&mut self) -> Duration {
+        let ceiling = self.ceiling();
+        self.failures = self.failures.saturating_add(1);
+        jitter(ceiling)
+    }
+
+    /// The upper bound of the next delay.
+    pub(crate) fn ceiling(&self) -> Duration {
+        self.base.saturating_mul(1u32 << self.failures.min(16)).min(self.cap)
+    }
+
+    /// Failures since the last reset.
+    pub(crate) fn failures(&self) -> u32 {
+        self.failures
+    }
+
+    /// After a success: the next failure starts from `base` again.
+    pub(crate) fn reset(&mut self) {
+        self.failures = 0;
+    }
+}
+
+/// A random duration from zero to `max`, to keep many callers from acting in step.
+pub(crate) fn jitter(max: Duration) -> Duration {
+    let ms = u64::try_from(max.as_millis()).unwrap_or(u64::MAX);
+    if ms == 0 {
+        return Duration::ZERO;
+    }
+    Duration::from_millis(rand::thread_rng().gen_range(0..=ms))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delays_double_up_to_the_cap_and_start_over_after_a_reset() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+        let mut ceilings = Vec::new();
+        for _ in 0..6 {
+            ceilings.push(b.ceiling().as_millis());
+            assert!(b.next_delay() <= Duration::from_secs(1));
+        }
+        assert_eq!(ceilings, [100, 200, 400, 800, 1000, 1000]);
+        assert_eq!(b.failures(), 6);
+        b.reset();
+        assert_eq!(b.ceiling(), Duration::from_millis(100));
+        assert_eq!(jitter(Duration::ZERO), Duration::ZERO);
+    }
+}
