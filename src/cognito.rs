@@ -9,20 +9,20 @@ use aws_sdk_cognitoidentityprovider::operation::list_users::ListUsersOutput;
 use aws_sdk_cognitoidentityprovider::types::UserType;
 use aws_sdk_cognitoidentityprovider::Client;
 
-use crate::aws::errors::{code, is_transient_code};
+use crate::aws::errors::{code, is_throttling_code};
 use crate::aws::from_sdk;
 use crate::error::{Error, Result};
 use crate::retry::Backoff;
 
 /// ListUsers' page size limit on real Cognito.
-pub(crate) const PAGE_SIZE: i32 = 60;
+pub const PAGE_SIZE: i32 = 60;
 /// Attempts per ListUsers page while Cognito throttles, before the listing fails as a whole.
-pub(crate) const THROTTLE_ATTEMPTS: u32 = 6;
+pub const THROTTLE_ATTEMPTS: u32 = 6;
 const THROTTLE_FIRST_BACKOFF: Duration = Duration::from_millis(250);
 const THROTTLE_MAX_BACKOFF: Duration = Duration::from_secs(8);
 
 /// A user's attribute by name (`sub`, `email`, `preferred_username`...).
-pub(crate) fn attribute<'a>(user: &'a UserType, name: &str) -> Option<&'a str> {
+pub fn attribute<'a>(user: &'a UserType, name: &str) -> Option<&'a str> {
     user.attributes().iter().find(|a| a.name() == name).and_then(|a| a.value())
 }
 
@@ -32,7 +32,7 @@ pub(crate) fn attribute<'a>(user: &'a UserType, name: &str) -> Option<&'a str> {
 /// With a rate limit the SDK's own retries are switched off for these calls, so that no attempt
 /// escapes the pacer: throttling is retried here, with backoff, up to [`THROTTLE_ATTEMPTS`]
 /// attempts per page.
-pub(crate) async fn for_each_user_page(
+pub async fn for_each_user_page(
     client: &Client,
     endpoint: &str,
     pool_id: &str,
@@ -60,7 +60,7 @@ async fn list_page(
     pacer: &mut Pacer,
 ) -> Result<ListUsersOutput> {
     let context = || format!("Cognito ListUsers of pool {pool_id} at {endpoint}");
-    let mut backoff = Backoff::new(THROTTLE_FIRST_BACKOFF, THROTTLE_MAX_BACKOFF);
+    let mut backoff = Backoff::with_floor(THROTTLE_FIRST_BACKOFF * 2, THROTTLE_MAX_BACKOFF);
     loop {
         pacer.wait().await;
         let request = client.list_users().user_pool_id(pool_id).limit(PAGE_SIZE).set_pagination_token(token.clone());
@@ -77,7 +77,7 @@ async fn list_page(
         };
         match result {
             Ok(page) => return Ok(page),
-            Err(e) if code(&e).is_some_and(is_transient_code) => {
+            Err(e) if code(&e).is_some_and(is_throttling_code) => {
                 let code = code(&e).unwrap_or_default().to_string();
                 if backoff.failures() + 1 >= THROTTLE_ATTEMPTS {
                     return Err(Error::Unavailable(format!(
@@ -97,26 +97,26 @@ async fn list_page(
 /// Spaces calls at least `1 / max_rps` seconds apart: a simple interval pacer, which keeps the
 /// rate under the limit over any window without bursts.
 #[derive(Debug)]
-pub(crate) struct Pacer {
+pub struct Pacer {
     interval: Duration,
     next: Option<tokio::time::Instant>,
 }
 
 impl Pacer {
-    pub(crate) fn per_second(max_rps: u32) -> Pacer {
+    pub fn per_second(max_rps: u32) -> Pacer {
         Pacer { interval: Duration::from_secs(1) / max_rps.max(1), next: None }
     }
 
-    pub(crate) fn unlimited() -> Pacer {
+    pub fn unlimited() -> Pacer {
         Pacer { interval: Duration::ZERO, next: None }
     }
 
-    pub(crate) fn is_limited(&self) -> bool {
+    pub fn is_limited(&self) -> bool {
         !self.interval.is_zero()
     }
 
     /// Returns when the next call may start (at once for the first one).
-    pub(crate) async fn wait(&mut self) {
+    pub async fn wait(&mut self) {
         let now = tokio::time::Instant::now();
         let at = self.next.map_or(now, |n| n.max(now));
         tokio::time::sleep_until(at).await;

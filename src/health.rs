@@ -13,15 +13,15 @@ use crate::heartbeat::Heartbeat;
 use crate::stream::TailerStatus;
 
 /// The accept loop beats every second; this much silence means it (or the runtime) is stuck.
-pub(crate) const HTTP_STALL_LIMIT: Duration = Duration::from_secs(10);
+pub const HTTP_STALL_LIMIT: Duration = Duration::from_secs(10);
 /// PostgreSQL counts as healthy for this long after its last answer.
-pub(crate) const POSTGRES_FRESHNESS: Duration = Duration::from_secs(30);
+pub const POSTGRES_FRESHNESS: Duration = Duration::from_secs(30);
 /// How often PostgreSQL is pinged.
-pub(crate) const PG_PING_INTERVAL: Duration = Duration::from_secs(10);
+pub const PG_PING_INTERVAL: Duration = Duration::from_secs(10);
 
 /// What the daemon's loops look like from outside.
 #[derive(Clone)]
-pub(crate) struct Probes {
+pub struct Probes {
     pub stream: watch::Receiver<TailerStatus>,
     pub api: Arc<Heartbeat>,
     pub cache: Arc<Cache>,
@@ -29,7 +29,7 @@ pub(crate) struct Probes {
 
 impl Probes {
     /// "serving; 3 shards; 12,345 cached groups"
-    pub(crate) fn status_line(&self) -> String {
+    pub fn status_line(&self) -> String {
         let shards = self.stream.borrow().shards_reading;
         let groups = self.cache.cached_groups();
         format!(
@@ -47,7 +47,7 @@ impl Probes {
     /// (`TailerStatus::turn_limit`): an AWS endpoint that does not answer makes every turn as
     /// long as its calls' timeouts, and restarting the daemon would not bring the endpoint back
     /// but would lose the cache that keeps serving meanwhile.
-    pub(crate) fn stuck(&self, watchdog: Duration) -> Option<String> {
+    pub fn stuck(&self, watchdog: Duration) -> Option<String> {
         if let Some(age) = self.stream.borrow().stuck_for(watchdog) {
             return Some(format!("the stream loop made no progress for {}s", age.as_secs()));
         }
@@ -61,20 +61,20 @@ impl Probes {
 
 /// When PostgreSQL last answered.
 #[derive(Debug, Default)]
-pub(crate) struct PgHealth(Heartbeat);
+pub struct PgHealth(Heartbeat);
 
 impl PgHealth {
-    pub(crate) fn record_ok(&self) {
+    pub fn record_ok(&self) {
         self.0.beat();
     }
 
-    pub(crate) fn answered_within(&self, window: Duration) -> bool {
+    pub fn answered_within(&self, window: Duration) -> bool {
         self.0.beaten_within(window)
     }
 }
 
 /// Pings PostgreSQL every [`PG_PING_INTERVAL`] until `stop`, recording each answer in `health`.
-pub(crate) async fn ping_postgres(pool: sqlx::PgPool, target: String, health: Arc<PgHealth>, stop: CancellationToken) {
+pub async fn ping_postgres(pool: sqlx::PgPool, target: String, health: Arc<PgHealth>, stop: CancellationToken) {
     let mut was_ok = true;
     loop {
         tokio::select! {

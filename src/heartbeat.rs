@@ -17,24 +17,24 @@ pub struct Heartbeat {
 
 impl Heartbeat {
     /// A heartbeat that has not beaten yet.
-    pub(crate) fn new() -> Self {
+    pub fn new() -> Self {
         Heartbeat { epoch: Instant::now(), last_ms: AtomicU64::new(0) }
     }
 
     /// A heartbeat that beats now.
-    pub(crate) fn beating() -> Self {
+    pub fn beating() -> Self {
         let h = Heartbeat::new();
         h.beat();
         h
     }
 
-    pub(crate) fn beat(&self) {
+    pub fn beat(&self) {
         let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
         self.last_ms.store(ms + 1, Ordering::Release);
     }
 
     /// When it last beat, if ever.
-    pub(crate) fn last(&self) -> Option<Instant> {
+    pub fn last(&self) -> Option<Instant> {
         match self.last_ms.load(Ordering::Acquire) {
             0 => None,
             ms => Some(self.epoch + Duration::from_millis(ms - 1)),
@@ -42,12 +42,12 @@ impl Heartbeat {
     }
 
     /// Time since the last beat (since creation when it never beat).
-    pub(crate) fn age(&self) -> Duration {
+    pub fn age(&self) -> Duration {
         self.last().unwrap_or(self.epoch).elapsed()
     }
 
     /// Whether it beat at most `window` ago.
-    pub(crate) fn beaten_within(&self, window: Duration) -> bool {
+    pub fn beaten_within(&self, window: Duration) -> bool {
         self.last().is_some_and(|at| at.elapsed() <= window)
     }
 }

@@ -28,12 +28,12 @@
 pub mod aws;
 pub mod cache;
 pub mod check;
-pub mod cognito;
+pub(crate) mod cognito;
 pub mod config;
 pub mod daemon;
 pub mod demo;
 pub mod error;
-pub mod health;
+pub(crate) mod health;
 pub mod heartbeat;
 pub mod http;
 pub mod logging;
@@ -43,10 +43,10 @@ pub mod pg;
 pub mod projector;
 pub mod reconcile;
 pub mod reload;
-pub mod retry;
+pub(crate) mod retry;
 pub mod store;
 pub mod stream;
-pub mod systemd;
+pub(crate) mod systemd;
 pub mod tools;
 
 pub use error::{Error, Result};

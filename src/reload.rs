@@ -208,8 +208,13 @@ impl Live {
         for live in LIVE.iter().filter(|l| applied.live.iter().any(|k| l.covers(k))) {
             (live.apply)(self, new, &mut prepared);
         }
-        *self.current.lock().unwrap_or_else(|e| e.into_inner()) =
-            with_values_of(new, &old, &applied.restart_required).unwrap_or(old);
+        // What the daemon runs with now: the new file, but the old value of every key that only
+        // a restart applies (so the next reload still sees them as changed).
+        let running = with_values_of(new, &old, &applied.restart_required).unwrap_or_else(|| {
+            tracing::warn!("cannot merge the restart-only keys into the reloaded config; taking the new file whole");
+            new.clone()
+        });
+        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = running;
         Ok(applied)
     }
 

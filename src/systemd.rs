@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::health::Probes;
 
 /// How often `STATUS=` is refreshed without a watchdog (with one: at every ping).
-pub(crate) const STATUS_INTERVAL: Duration = Duration::from_secs(5);
+pub const STATUS_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Set once `READY=1` went out: a reload only reports READY again after that.
 static READY_SENT: AtomicBool = AtomicBool::new(false);
@@ -29,7 +29,7 @@ fn send(states: &[NotifyState]) {
 /// The watchdog interval systemd asked for (`WATCHDOG_USEC`), if any. Like libsystemd's
 /// `sd_watchdog_enabled`, `WATCHDOG_PID` only has to match when it is set (sd-notify 0.4
 /// requires it, which a supervisor that sets only `WATCHDOG_USEC` would silently defeat).
-pub(crate) fn watchdog_timeout() -> Option<Duration> {
+pub fn watchdog_timeout() -> Option<Duration> {
     let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.trim().parse().ok()?;
     if let Ok(pid) = std::env::var("WATCHDOG_PID") {
         if pid.trim().parse::<u32>().ok()? != std::process::id() {
@@ -41,7 +41,7 @@ pub(crate) fn watchdog_timeout() -> Option<Duration> {
 
 /// Waits until the tailer is positioned (or `stop`), then sends `READY=1` with a status, and
 /// keeps the status and the watchdog going until `stop` is cancelled.
-pub(crate) async fn supervise(probes: Probes, stop: CancellationToken) {
+pub async fn supervise(probes: Probes, stop: CancellationToken) {
     send(&[NotifyState::Status("starting: positioning on the stream")]);
     let mut stream = probes.stream.clone();
     tokio::select! {
@@ -87,7 +87,7 @@ pub(crate) async fn supervise(probes: Probes, stop: CancellationToken) {
 }
 
 /// `RELOADING=1` with the `MONOTONIC_USEC` that systemd ≥ 253 wants for `Type=notify-reload`.
-pub(crate) fn reloading() {
+pub fn reloading() {
     match NotifyState::monotonic_usec_now() {
         Ok(now) => send(&[NotifyState::Reloading, now, NotifyState::Status("reloading the config")]),
         Err(_) => send(&[NotifyState::Reloading, NotifyState::Status("reloading the config")]),
@@ -95,7 +95,7 @@ pub(crate) fn reloading() {
 }
 
 /// `READY=1` after a reload (only once the daemon was ready in the first place).
-pub(crate) fn reloaded(status: &str) {
+pub fn reloaded(status: &str) {
     if READY_SENT.load(Ordering::Acquire) {
         send(&[NotifyState::Ready, NotifyState::Status(status)]);
     } else {
@@ -103,6 +103,6 @@ pub(crate) fn reloaded(status: &str) {
     }
 }
 
-pub(crate) fn stopping() {
+pub fn stopping() {
     send(&[NotifyState::Stopping, NotifyState::Status("stopping: draining requests")]);
 }

@@ -8,16 +8,16 @@ use aws_sdk_dynamodb::error::{DisplayErrorContext, ProvideErrorMetadata, SdkErro
 use crate::error::Error;
 
 /// The service error code of an SDK error, if the service answered with one.
-pub(crate) fn code<E: ProvideErrorMetadata, R>(err: &SdkError<E, R>) -> Option<&str> {
+pub fn code<E: ProvideErrorMetadata, R>(err: &SdkError<E, R>) -> Option<&str> {
     match err {
         SdkError::ServiceError(se) => se.err().code(),
         _ => None,
     }
 }
 
-/// Error codes that say "not now" rather than "not this request": throttling, limits and
-/// server-side failures, for every service this daemon calls (DynamoDB, Streams, Cognito).
-pub(crate) fn is_transient_code(code: &str) -> bool {
+/// Error codes that say "slow down", for every service this daemon calls (DynamoDB, Streams,
+/// Cognito): the one list of them.
+pub fn is_throttling_code(code: &str) -> bool {
     matches!(
         code,
         "ProvisionedThroughputExceededException"
@@ -26,13 +26,22 @@ pub(crate) fn is_transient_code(code: &str) -> bool {
             | "RequestLimitExceeded"
             | "LimitExceededException"
             | "TooManyRequestsException"
-            | "InternalServerError"
-            | "InternalFailure"
-            | "InternalErrorException"
-            | "ServiceUnavailable"
-            | "ServiceUnavailableException"
-            | "TransactionInProgressException"
     )
+}
+
+/// Error codes that say "not now" rather than "not this request": throttling, and the
+/// services' own failures.
+pub fn is_transient_code(code: &str) -> bool {
+    is_throttling_code(code)
+        || matches!(
+            code,
+            "InternalServerError"
+                | "InternalFailure"
+                | "InternalErrorException"
+                | "ServiceUnavailable"
+                | "ServiceUnavailableException"
+                | "TransactionInProgressException"
+        )
 }
 
 /// How an SDK call failed, by what the caller can do about it.
@@ -48,16 +57,17 @@ pub(crate) enum Class {
     Other,
 }
 
-pub(crate) fn classify<E: ProvideErrorMetadata>(err: &SdkError<E, HttpResponse>) -> Class {
+pub fn classify<E: ProvideErrorMetadata>(err: &SdkError<E, HttpResponse>) -> Class {
     let server_error = |r: &HttpResponse| {
         let s = r.status().as_u16();
         s >= 500 || s == 429
     };
     match err {
+        // A server error is "not now" whatever its code says; moto answers bad input with an
+        // HTML 500 that has no code at all.
         SdkError::ServiceError(se) => match se.err().code() {
-            Some(c) if is_transient_code(c) => Class::Transient,
+            Some(c) if is_transient_code(c) || server_error(se.raw()) => Class::Transient,
             Some(_) => Class::Code,
-            // moto answers bad input with an HTML 500 that has no error code at all.
             None if server_error(se.raw()) => Class::Transient,
             None => Class::Other,
         },
@@ -71,7 +81,7 @@ pub(crate) fn classify<E: ProvideErrorMetadata>(err: &SdkError<E, HttpResponse>)
 /// endpoint. Connection failures, timeouts and "not now" answers (throttling, 5xx) are
 /// [`Error::Unavailable`] (callers retry later, a tool exits 69); any other answer is
 /// [`Error::Service`] with the service's own code and message.
-pub(crate) fn from_sdk<E>(context: impl AsRef<str>, err: SdkError<E, HttpResponse>) -> Error
+pub fn from_sdk<E>(context: impl AsRef<str>, err: SdkError<E, HttpResponse>) -> Error
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
 {
@@ -96,6 +106,6 @@ where
 /// Error codes that say the request's content is at fault: sending it again can never work.
 /// Everything else a service answers (permissions, credentials, a missing table) is about the
 /// moment, not the request.
-pub(crate) fn is_request_fault_code(code: &str) -> bool {
+pub fn is_request_fault_code(code: &str) -> bool {
     matches!(code, "ValidationException" | "SerializationException" | "ItemCollectionSizeLimitExceededException")
 }

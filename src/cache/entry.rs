@@ -9,7 +9,7 @@ use crate::model::{conversation_list, Message, MessageGroup, MessageGroupId, Sk}
 
 /// A user's group rows, keyed by sort key, with the conversation list derived from them.
 #[derive(Debug, Default)]
-pub(crate) struct GroupRows {
+pub struct GroupRows {
     rows: BTreeMap<String, MessageGroup>,
     /// One row per conversation, newest first (SPEC section 2).
     view: Arc<[MessageGroup]>,
@@ -32,17 +32,17 @@ impl GroupRows {
         GroupRows::new(rows.into_values())
     }
 
-    pub(crate) fn view(&self) -> &[MessageGroup] {
+    pub fn view(&self) -> &[MessageGroup] {
         &self.view
     }
 
     /// What `derive` makes of the view, made at most once per version. `None` only if a value
     /// of another type was kept first.
-    pub(crate) fn memo<T: Any + Send + Sync>(&self, derive: impl FnOnce(&[MessageGroup]) -> T) -> Option<&T> {
+    pub fn memo<T: Any + Send + Sync>(&self, derive: impl FnOnce(&[MessageGroup]) -> T) -> Option<&T> {
         self.memo.get_or_init(|| Box::new(derive(&self.view))).downcast_ref()
     }
 
-    pub(crate) fn contains_group(&self, group: MessageGroupId) -> bool {
+    pub fn contains_group(&self, group: MessageGroupId) -> bool {
         self.view.iter().any(|g| g.message_group_uuid == group)
     }
 
@@ -70,7 +70,7 @@ fn message_weight(m: &Message) -> usize {
 
 /// The newest messages of a conversation, oldest first.
 #[derive(Debug, Clone, Default)]
-pub(crate) struct MessageWindow {
+pub struct MessageWindow {
     messages: Vec<Message>,
     /// The window holds every message of the conversation, so nothing older exists.
     complete: bool,
@@ -110,11 +110,11 @@ impl MessageWindow {
         MessageWindow { messages, complete: self.complete }
     }
 
-    pub(crate) fn messages(&self) -> &[Message] {
+    pub fn messages(&self) -> &[Message] {
         &self.messages
     }
 
-    pub(crate) fn complete(&self) -> bool {
+    pub fn complete(&self) -> bool {
         self.complete
     }
 
@@ -126,7 +126,7 @@ impl MessageWindow {
 
 /// A page of a list and whether more exists beyond it.
 #[derive(Debug, Clone)]
-pub(crate) struct Page<T> {
+pub struct Page<T> {
     pub items: Vec<T>,
     pub more: bool,
 }

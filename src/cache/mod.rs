@@ -48,8 +48,8 @@ use std::time::Duration;
 use moka::future::Cache as Moka;
 use moka::ops::compute::Op;
 
-pub(crate) use entry::{GroupRows, MessageWindow, Page};
-pub(crate) use source::{CacheError, ConversationStore, Loaded, UserDirectory};
+pub use entry::{GroupRows, MessageWindow, Page};
+pub use source::{CacheError, ConversationStore, Loaded, UserDirectory};
 
 use crate::config::CacheConfig;
 use crate::metrics::{CacheLabels, CacheName, CacheResult, Metrics};

@@ -13,7 +13,7 @@ pub enum CacheError {
 }
 
 /// Rows read, and the items that did not fit the model (reported, not served).
-pub(crate) type Loaded<T> = (Vec<T>, Vec<Misfit>);
+pub type Loaded<T> = (Vec<T>, Vec<Misfit>);
 
 /// The two reads the cache makes of the messages table (the DynamoDB `Store` implements it).
 pub trait ConversationStore: Send + Sync + 'static {

@@ -39,7 +39,7 @@ use crate::store::Store;
 use crate::stream::{Change, ChangeRecord, ChangeSink, GapReason, Progress};
 
 /// Backoff after a failed attempt: up to this, doubling per failure up to [`BACKOFF_CAP`].
-const BACKOFF_BASE: Duration = Duration::from_millis(100);
+const BACKOFF_BASE: Duration = Duration::from_millis(200);
 const BACKOFF_CAP: Duration = Duration::from_secs(5);
 /// Pause before reading again after a conflict: short, jittered, so two writers drift apart.
 const CONFLICT_PAUSE_MAX: Duration = Duration::from_millis(50);
@@ -109,7 +109,7 @@ impl ProjectorSink {
         let mut reread: Option<Vec<UserUuid>> = None;
         let mut conflicts_since: Option<Instant> = None;
         let mut transient_streak = false;
-        let mut backoff = Backoff::new(BACKOFF_BASE, BACKOFF_CAP);
+        let mut backoff = Backoff::with_floor(BACKOFF_BASE, BACKOFF_CAP);
         let outcome = loop {
             match self.attempt(record, reread.as_deref()).await {
                 Ok(Attempt::Done(outcome)) => {
