@@ -2,7 +2,9 @@
 //!
 //! Start order: PostgreSQL and the JWKS must answer (exit 69 otherwise: a daemon that cannot
 //! authenticate or map a single user is of no use), then the cache, the stream tailer, and the
-//! two listeners. The tailer becomes positioned on its own; until then /readyz says so.
+//! two listeners. The tailer becomes positioned on its own; until then /readyz says so. Once
+//! ready, a dependency that fails is reported (`/readyz` checks, `dependency_up`), never a
+//! reason for 503: the sidecar's pod would go out of service with it.
 //!
 //! Shutdown order: /readyz turns 503 at once; the API stops accepting and drains in-flight
 //! requests for at most `http.shutdown_grace`; then the tailer, the pinger and the admin
@@ -26,8 +28,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::cache::Cache;
 use crate::config::LoadedConfig;
+use crate::dependency::Dependencies;
 use crate::error::{Error, Result};
-use crate::health::{self as health, PgHealth};
+use crate::health;
 use crate::heartbeat::Heartbeat;
 use crate::http::admin::AdminState;
 use crate::http::api::{ApiOptions, ApiState};
@@ -72,22 +75,25 @@ pub async fn start(loaded: &LoadedConfig) -> Result<Running> {
     let pg_opts = pg::options(&cfg.postgres)?;
     let target = pg::describe(&pg_opts);
     let pool = pg::connect_with(&cfg.postgres, pg_opts.clone()).await?;
-    let pg_health = Arc::new(PgHealth::default());
-    pg_health.record_ok();
+    // Reported by whoever calls each dependency; read by /readyz and `dependency_up`.
+    let deps = Arc::new(Dependencies::default());
+    deps.postgres.ok();
 
     let http_client =
         reqwest::Client::builder().build().map_err(|e| Error::Failed(format!("cannot build an HTTP client: {e}")))?;
-    let auth = Authenticator::builder(&cfg.auth, http_client.clone()).metrics(metrics.clone()).build();
+    let auth =
+        Authenticator::builder(&cfg.auth, http_client.clone()).metrics(metrics.clone()).health(deps.clone()).build();
     auth.refresh_jwks().await.map_err(|e| match e {
         crate::http::auth::AuthError::JwksUnavailable { detail } => Error::Unavailable(detail),
         other => Error::Failed(format!("cannot load the JWKS from auth.jwks_url {}: {other}", cfg.auth.jwks_url)),
     })?;
     auth.spawn_refresh();
 
-    let store = Store::new(clients.dynamodb.clone(), cfg.dynamodb.table.clone(), clients.endpoints.dynamodb.clone());
+    let store = Store::new(clients.dynamodb.clone(), cfg.dynamodb.table.clone(), clients.endpoints.dynamodb.clone())
+        .with_health(deps.clone());
     // Misses give up before the request timeout so that a hung dependency is a 503, not a 408.
     let load_timeout = cfg.http.request_timeout.mul_f64(0.8);
-    let users = Arc::new(pg::PgUsers { pool: pool.clone(), target: target.clone() });
+    let users = Arc::new(pg::PgUsers { pool: pool.clone(), target: target.clone(), health: Some(deps.clone()) });
     let cache = Arc::new(Cache::new(&cfg.cache, load_timeout, Arc::new(store), users, metrics.clone()));
 
     let api_listener = bind("http.listen", cfg.http.listen).await?;
@@ -101,7 +107,7 @@ pub async fn start(loaded: &LoadedConfig) -> Result<Running> {
     let tasks = TaskTracker::new();
     let api_task = TaskTracker::new();
 
-    let source = Arc::new(AwsSource::new(clients.dynamodb.clone(), clients.streams.clone()));
+    let source = Arc::new(AwsSource::new(clients.dynamodb.clone(), clients.streams.clone()).with_health(deps.clone()));
     // Live-reloadable settings travel in watch channels.
     let (poll_tx, poll_rx) = watch::channel(cfg.stream.poll_interval);
     let (reconcile_tx, reconcile_rx) = watch::channel(reconcile::Settings::of(cfg));
@@ -127,7 +133,7 @@ pub async fn start(loaded: &LoadedConfig) -> Result<Running> {
         .with_bounds(bounds);
     let stream_status = tailer.status();
     tasks.spawn(tailer.run(cache.clone(), background.child_token()));
-    tasks.spawn(health::ping_postgres(pool, target, pg_health.clone(), background.child_token()));
+    tasks.spawn(health::ping_postgres(pool, target, deps.clone(), background.child_token()));
     // Always spawned: with `enabled = false` it only waits for a reload that turns it on.
     let reconciler = Reconciler::new(
         clients.cognito.clone(),
@@ -156,14 +162,23 @@ pub async fn start(loaded: &LoadedConfig) -> Result<Running> {
         metrics: metrics.clone(),
         cache: cache.clone(),
         auth: auth.clone(),
-        pg: pg_health,
+        deps: deps.clone(),
         stream_status: stream_status.clone(),
         shutting_down: shutting_down.clone(),
         api_heartbeat: api_heartbeat.clone(),
     }));
     tasks.spawn(http::serve(admin_listener, admin, serve_opts, background.child_token()));
-    let live =
-        Arc::new(Live::new(cfg, api_state, auth, cache.clone(), metrics.clone(), poll_tx, reconcile_tx, http_client));
+    let live = Arc::new(Live::new(
+        cfg,
+        api_state,
+        auth,
+        cache.clone(),
+        metrics.clone(),
+        poll_tx,
+        reconcile_tx,
+        http_client,
+        deps,
+    ));
 
     tracing::info!(%api_addr, %admin_addr, table = %cfg.dynamodb.table, "serving");
     Ok(Running {

@@ -1,6 +1,6 @@
 //! Health as probes and supervisors see it, in one place for the admin listener and systemd:
-//! liveness (the daemon's loops make progress, [`Probes`]) and what PostgreSQL last did
-//! ([`PgHealth`], kept by [`ping_postgres`]).
+//! liveness (the daemon's loops make progress, [`Probes`]) and the PostgreSQL pinger that keeps
+//! its [`crate::dependency`] status current ([`ping_postgres`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,15 +9,16 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::cache::Cache;
+use crate::dependency::Dependencies;
 use crate::heartbeat::Heartbeat;
 use crate::stream::TailerStatus;
 
 /// The accept loop beats every second; this much silence means it (or the runtime) is stuck.
 pub const HTTP_STALL_LIMIT: Duration = Duration::from_secs(10);
-/// PostgreSQL counts as healthy for this long after its last answer.
-pub const POSTGRES_FRESHNESS: Duration = Duration::from_secs(30);
 /// How often PostgreSQL is pinged.
 pub const PG_PING_INTERVAL: Duration = Duration::from_secs(10);
+/// A ping that takes longer counts as failed.
+const PG_PING_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What the daemon's loops look like from outside.
 #[derive(Clone)]
@@ -59,33 +60,31 @@ impl Probes {
     }
 }
 
-/// When PostgreSQL last answered.
-#[derive(Debug, Default)]
-pub struct PgHealth(Heartbeat);
-
-impl PgHealth {
-    pub fn record_ok(&self) {
-        self.0.beat();
-    }
-
-    pub fn answered_within(&self, window: Duration) -> bool {
-        self.0.beaten_within(window)
-    }
-}
-
-/// Pings PostgreSQL every [`PG_PING_INTERVAL`] until `stop`, recording each answer in `health`.
-pub async fn ping_postgres(pool: sqlx::PgPool, target: String, health: Arc<PgHealth>, stop: CancellationToken) {
+/// Pings PostgreSQL every [`PG_PING_INTERVAL`] until `stop`, reporting each outcome to
+/// `health.postgres`. Lookups report too; the ping keeps the status current when no request
+/// needs PostgreSQL (every user cached).
+pub async fn ping_postgres(pool: sqlx::PgPool, target: String, health: Arc<Dependencies>, stop: CancellationToken) {
     let mut was_ok = true;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(PG_PING_INTERVAL) => {}
         }
-        let ping = tokio::time::timeout(Duration::from_secs(5), sqlx::query("SELECT 1").execute(&pool)).await;
-        let ok = matches!(ping, Ok(Ok(_)));
-        if ok {
-            health.record_ok();
-        }
+        let ping = tokio::time::timeout(PG_PING_TIMEOUT, sqlx::query("SELECT 1").execute(&pool)).await;
+        let ok = match ping {
+            Ok(Ok(_)) => {
+                health.postgres.ok();
+                true
+            }
+            Ok(Err(e)) => {
+                health.postgres.failed(format!("PostgreSQL at {target} did not answer: {e}"));
+                false
+            }
+            Err(_) => {
+                health.postgres.failed(format!("PostgreSQL at {target} did not answer within {PG_PING_TIMEOUT:?}"));
+                false
+            }
+        };
         // One line per change of state, not one per ping.
         if ok != was_ok {
             if ok {

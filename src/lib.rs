@@ -32,6 +32,7 @@ pub(crate) mod cognito;
 pub mod config;
 pub mod daemon;
 pub mod demo;
+pub mod dependency;
 pub mod error;
 pub(crate) mod health;
 pub mod heartbeat;

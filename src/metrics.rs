@@ -50,6 +50,25 @@ pub enum CacheName {
 pub enum CacheResult {
     hit,
     miss,
+    /// Served past its TTL while its reload failed (`cache.stale_if_error`).
+    stale,
+}
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum StoreRead {
+    groups,
+    messages,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DependencyLabels {
+    pub dependency: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StoreReadLabels {
+    pub read: StoreRead,
 }
 
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
@@ -144,6 +163,7 @@ pub struct Metrics {
     pub cache_requests: Family<CacheRequestLabels, Counter>,
     pub cache_entries: Family<CacheLabels, Gauge>,
     pub cache_weight_bytes: Family<CacheLabels, Gauge>,
+    pub store_items_read: Family<StoreReadLabels, Counter>,
     pub http_requests: Family<HttpLabels, Counter>,
     pub http_request_duration_seconds: Family<RouteLabels, Histogram, fn() -> Histogram>,
     pub reconcile_runs: Family<RunLabels, Counter>,
@@ -151,6 +171,7 @@ pub struct Metrics {
     pub reconcile_users: Family<OutcomeLabels, Gauge>,
     pub config_reloads: Family<RunLabels, Counter>,
     pub jwks_refreshes: Family<RunLabels, Counter>,
+    pub dependency_up: Family<DependencyLabels, Gauge>,
     pub projector_records: Counter,
     pub projector_rows_moved: Counter,
     pub projector_records_skipped: Family<ReasonLabels, Counter>,
@@ -168,7 +189,7 @@ pub struct Metrics {
 /// exported numbers are the same.
 struct HotSeries {
     /// By [`CacheName`] then [`CacheResult`].
-    cache_requests: [[Counter; 2]; 3],
+    cache_requests: [[Counter; 3]; 3],
     /// By served route (`ApiRoute::SERVED`): the statuses of a served read (200, 304).
     http_ok: [Counter; 2],
     http_not_modified: [Counter; 2],
@@ -221,6 +242,7 @@ impl Metrics {
             cache_requests,
             cache_entries: Family::default(),
             cache_weight_bytes: Family::default(),
+            store_items_read: Family::default(),
             http_requests,
             http_request_duration_seconds,
             reconcile_runs: Family::default(),
@@ -228,6 +250,7 @@ impl Metrics {
             reconcile_users: Family::default(),
             config_reloads: Family::default(),
             jwks_refreshes: Family::default(),
+            dependency_up: Family::default(),
             projector_records: Counter::default(),
             projector_rows_moved: Counter::default(),
             projector_records_skipped: Family::default(),
@@ -261,6 +284,11 @@ impl Metrics {
         registry.register("cache_requests", "Cache lookups, by cache and result", m.cache_requests.clone());
         registry.register("cache_entries", "Entries in each cache", m.cache_entries.clone());
         registry.register("cache_weight_bytes", "Weighed size of each cache", m.cache_weight_bytes.clone());
+        registry.register(
+            "store_items_read",
+            "Items DynamoDB returned to the cache's loads and pages, by what was read",
+            m.store_items_read.clone(),
+        );
         registry.register("http_requests", "API requests, by route and status", m.http_requests.clone());
         registry.register(
             "http_request_duration_seconds",
@@ -275,6 +303,11 @@ impl Metrics {
         );
         registry.register("reconcile_users", "Users by outcome in the last reconciliation", m.reconcile_users.clone());
         registry.register("config_reloads", "Config reloads, by result", m.config_reloads.clone());
+        registry.register(
+            "dependency_up",
+            "1 unless the last call to the dependency failed (a degraded dependency never fails /readyz)",
+            m.dependency_up.clone(),
+        );
         registry.register(
             "jwks_refreshes",
             "JWKS fetches (scheduled, on an unknown kid, at start and reload), by result",
@@ -342,9 +375,12 @@ impl Metrics {
         for cache in [CacheName::groups, CacheName::messages, CacheName::users] {
             let _ = m.cache_entries.get_or_create(&CacheLabels { cache });
             let _ = m.cache_weight_bytes.get_or_create(&CacheLabels { cache });
-            for result in [CacheResult::hit, CacheResult::miss] {
+            for result in [CacheResult::hit, CacheResult::miss, CacheResult::stale] {
                 let _ = m.cache_requests.get_or_create(&CacheRequestLabels { cache, result });
             }
+        }
+        for read in [StoreRead::groups, StoreRead::messages] {
+            let _ = m.store_items_read.get_or_create(&StoreReadLabels { read });
         }
         for outcome in ["updated", "unchanged", "unmatched", "conflict", "skipped"] {
             let _ = m.reconcile_users.get_or_create(&OutcomeLabels { outcome });
@@ -359,6 +395,9 @@ impl Metrics {
         for result in [RunResult::success, RunResult::failure] {
             let _ = m.jwks_refreshes.get_or_create(&RunLabels { result });
         }
+        for dependency in ["postgres", "dynamodb", "streams", "jwks"] {
+            m.dependency_up.get_or_create(&DependencyLabels { dependency }).set(1);
+        }
         Metrics { registry, ..m }
     }
 
@@ -372,8 +411,14 @@ impl Metrics {
         let r = match result {
             CacheResult::hit => 0,
             CacheResult::miss => 1,
+            CacheResult::stale => 2,
         };
         self.hot.cache_requests[c][r].inc();
+    }
+
+    /// Counts the items one store read returned.
+    pub fn store_items_read(&self, read: StoreRead, items: usize) {
+        self.store_items_read.get_or_create(&StoreReadLabels { read }).inc_by(items as u64);
     }
 
     /// Counts and times one API request.
@@ -424,7 +469,7 @@ impl HotSeries {
         };
         HotSeries {
             cache_requests: [CacheName::groups, CacheName::messages, CacheName::users]
-                .map(|c| [cache(c, CacheResult::hit), cache(c, CacheResult::miss)]),
+                .map(|c| [cache(c, CacheResult::hit), cache(c, CacheResult::miss), cache(c, CacheResult::stale)]),
             http_ok: ApiRoute::SERVED.map(|r| http(r, 200)),
             http_not_modified: ApiRoute::SERVED.map(|r| http(r, 304)),
             http_duration: ApiRoute::SERVED

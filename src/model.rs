@@ -111,6 +111,40 @@ impl Sk {
     pub fn instant(&self) -> DateTime<Utc> {
         self.instant
     }
+
+    /// How much later than its string's place in DynamoDB's (byte) order this spelling's
+    /// instant can be, as far as this one spelling shows. Zero for the spellings the app
+    /// writes (`+00:00`, or no offset): within one second, a whole second sorts before its
+    /// fractions, as it should. (A positive offset sorts *later* than its instant: never newer
+    /// than its place, but past a cursor's bound; see [`crate::store::Store::newest_messages`].) A second for `Z`
+    /// (which sorts after every fraction of its second), the offset when it is negative (an
+    /// instant later than the wall clock it spells), and a day when date and time are
+    /// separated by a space (which sorts below every `T` of the same date).
+    pub fn order_skew(&self) -> chrono::Duration {
+        let s = self.raw.trim();
+        let mut skew = chrono::Duration::zero();
+        if s.ends_with(['Z', 'z']) {
+            skew += chrono::Duration::seconds(1);
+        }
+        if let Some(wall) = self.wall() {
+            skew += (self.instant - wall).max(chrono::Duration::zero());
+        }
+        if s.as_bytes().get(10) == Some(&b' ') {
+            skew += chrono::Duration::days(1);
+        }
+        skew
+    }
+
+    /// The wall-clock time the string spells (its offset ignored), read as UTC: what DynamoDB's
+    /// order of sort keys follows.
+    pub fn wall(&self) -> Option<DateTime<Utc>> {
+        let s = self.raw.trim();
+        let head = s.get(..19)?;
+        ["%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S"]
+            .iter()
+            .find_map(|fmt| NaiveDateTime::parse_from_str(head, fmt).ok())
+            .map(|naive| naive.and_utc())
+    }
 }
 
 /// DynamoDB's limit on a sort key: nothing longer is an sk of any table.
@@ -512,6 +546,18 @@ mod tests {
         assert_eq!(utc("2023-04-21T00:23:36.5+02:00"), "2023-04-20T22:23:36.500000Z");
         assert_eq!(utc("2023-04-20 22:23:36.123456"), "2023-04-20T22:23:36.123456Z");
         assert_eq!(utc("2023-04-20T22:23:36.123456+0000"), "2023-04-20T22:23:36.123456Z");
+    }
+
+    #[test]
+    fn the_order_skew_of_a_spelling() {
+        let skew = |s: &str| Sk::parse(s).unwrap().order_skew().num_seconds();
+        assert_eq!(skew("2024-01-01T10:00:00.123456+00:00"), 0, "what the app writes sorts as it happened");
+        assert_eq!(skew("2024-01-01T10:00:00+00:00"), 0, "a whole second sorts before its fractions");
+        assert_eq!(skew("2024-01-01T10:00:00Z"), 1, "Z sorts after every fraction of its second");
+        assert_eq!(skew("2024-01-01T10:00:00"), 0);
+        assert_eq!(skew("2024-01-01T10:00:00+02:00"), 0, "a positive offset makes it older, not newer");
+        assert_eq!(skew("2024-01-01T10:00:00-05:00"), 5 * 3600);
+        assert_eq!(skew("2024-01-01 10:00:00"), 24 * 3600);
     }
 
     #[test]

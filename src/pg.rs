@@ -3,6 +3,7 @@
 //! the daemon's request path makes ([`PgUsers`]).
 
 use std::str::FromStr;
+use std::sync::Arc;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, PgConnection, PgPool};
@@ -11,6 +12,7 @@ use futures::future::BoxFuture;
 
 use crate::cache::{CacheError, UserDirectory};
 use crate::config::PostgresConfig;
+use crate::dependency::Dependencies;
 use crate::error::{Error, Result};
 use crate::model::{CognitoSub, UserUuid};
 
@@ -96,6 +98,8 @@ pub struct PgUsers {
     pub pool: PgPool,
     /// `host:port/db`, for messages.
     pub target: String,
+    /// Where each lookup's outcome is reported (`postgres`), beside the pinger's.
+    pub health: Option<Arc<Dependencies>>,
 }
 
 impl PgUsers {
@@ -120,7 +124,16 @@ impl PgUsers {
 
 impl UserDirectory for PgUsers {
     fn lookup<'a>(&'a self, sub: &'a CognitoSub) -> BoxFuture<'a, std::result::Result<Option<UserUuid>, CacheError>> {
-        Box::pin(self.find(sub))
+        Box::pin(async move {
+            let found = self.find(sub).await;
+            if let Some(h) = &self.health {
+                match &found {
+                    Ok(_) => h.postgres.ok(),
+                    Err(e) => h.postgres.failed(e),
+                }
+            }
+            found
+        })
     }
 
     fn describe(&self) -> &str {

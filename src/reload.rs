@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cache::Cache;
 use crate::config::{self, Config, ConfigError};
+use crate::dependency::Dependencies;
 use crate::http::api::ApiState;
 use crate::http::auth::{AuthSlot, Authenticator};
 use crate::metrics::{Metrics, RunLabels, RunResult};
@@ -61,6 +62,7 @@ const LIVE: &[LiveKey] = &[
     },
     LiveKey { key: "cache.ttl", apply: |l, c, _| l.cache.set_ttl(c.cache.ttl) },
     LiveKey { key: "cache.users_ttl", apply: |l, c, _| l.cache.set_users_ttl(c.cache.users_ttl) },
+    LiveKey { key: "cache.stale_if_error", apply: |l, c, _| l.cache.set_stale_if_error(c.cache.stale_if_error) },
     LiveKey {
         key: "auth.*",
         apply: |l, _, prepared| {
@@ -157,6 +159,8 @@ pub struct Live {
     /// Published for the reconciliation scheduler, which reads it before every run.
     pub reconcile: watch::Sender<reconcile::Settings>,
     pub http_client: reqwest::Client,
+    /// Handed to a new authenticator, which reports its JWKS fetches there.
+    pub deps: Arc<Dependencies>,
     /// The config in force: the start-up one with every live key as the last good reload set it.
     current: Mutex<Config>,
 }
@@ -179,8 +183,19 @@ impl Live {
         poll_interval: watch::Sender<Duration>,
         reconcile: watch::Sender<reconcile::Settings>,
         http_client: reqwest::Client,
+        deps: Arc<Dependencies>,
     ) -> Self {
-        Live { api, auth, cache, metrics, poll_interval, reconcile, http_client, current: Mutex::new(config.clone()) }
+        Live {
+            api,
+            auth,
+            cache,
+            metrics,
+            poll_interval,
+            reconcile,
+            http_client,
+            deps,
+            current: Mutex::new(config.clone()),
+        }
     }
 
     /// The config in force.
@@ -223,7 +238,10 @@ impl Live {
     async fn prepare_auth(&self, new: &Config) -> Result<Authenticator, String> {
         let auth = Authenticator::builder(&new.auth, self.http_client.clone()).metrics(self.metrics.clone()).build();
         match tokio::time::timeout(JWKS_FETCH_BOUND, auth.refresh_jwks()).await {
-            Ok(Ok(_)) => Ok(auth),
+            Ok(Ok(_)) => {
+                auth.report_to(self.deps.clone());
+                Ok(auth)
+            }
             Ok(Err(e)) => Err(format!(
                 "the new [auth] cannot be used: {}",
                 match e {

@@ -2,14 +2,16 @@
 //! list paginates to the end (the Flask scripts stopped at the first page).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use aws_sdk_dynamodb::types::{AttributeValue, Select};
 use aws_sdk_dynamodb::Client;
 
 use crate::aws::from_sdk;
-use crate::cache::{ConversationStore, Loaded};
+use crate::cache::{ConversationStore, Loaded, Newest};
+use crate::dependency::Dependencies;
 use crate::error::Result;
-use crate::model::{decode_item, Item, ItemKey, Message, MessageGroup, MessageGroupId, Misfit, Pk, UserUuid};
+use crate::model::{decode_item, Item, ItemKey, Message, MessageGroup, MessageGroupId, Misfit, Pk, Sk, UserUuid};
 
 pub(crate) type RawItem = HashMap<String, AttributeValue>;
 
@@ -19,11 +21,28 @@ pub struct Store {
     client: Client,
     table: String,
     endpoint: String,
+    health: Option<Arc<Dependencies>>,
 }
 
 impl Store {
     pub fn new(client: Client, table: impl Into<String>, endpoint: impl Into<String>) -> Self {
-        Self { client, table: table.into(), endpoint: endpoint.into() }
+        Self { client, table: table.into(), endpoint: endpoint.into(), health: None }
+    }
+
+    /// Reports every read the cache makes through this store to `health.dynamodb`.
+    pub fn with_health(mut self, health: Arc<Dependencies>) -> Self {
+        self.health = Some(health);
+        self
+    }
+
+    fn report<T>(&self, result: Result<T>) -> Result<T> {
+        if let Some(h) = &self.health {
+            match &result {
+                Ok(_) => h.dynamodb.ok(),
+                Err(e) => h.dynamodb.failed(e),
+            }
+        }
+        result
     }
 
     pub fn client(&self) -> &Client {
@@ -160,6 +179,90 @@ impl Store {
         Ok((messages, misfits))
     }
 
+    /// The newest `n` messages of `group` strictly before `before` (all when `None`), oldest
+    /// first, read newest-first so that a read costs about what it returns: pages of `n + 1`,
+    /// until no item left unread can be newer than the `n`-th newest read. DynamoDB orders sort
+    /// keys as strings, which follow the wall clock a key spells, not its instant; how far the
+    /// two can differ is the largest [`Sk::order_skew`] of the keys read (none for the spellings
+    /// the app writes), and reading goes on that much past the `n`-th newest. The cursor bounds
+    /// the query the same way (`sk < before`, widened by its own skew). A spelling that no key
+    /// read shows (`Z`, a negative offset, a space for `T`) and that sorts more than that away
+    /// from its instant can be missed, and so can a key with a positive offset just older than
+    /// the cursor (it sorts after it). The app writes only `+00:00`; the `scan` tool shows any
+    /// other spelling, and a full load (`Store::messages`) orders them all by instant.
+    pub async fn newest_messages(&self, group: MessageGroupId, before: Option<&Sk>, n: usize) -> Result<Newest> {
+        let pk = Pk::Messages(group);
+        let mut query = self
+            .client
+            .query()
+            .table_name(&self.table)
+            .expression_attribute_values(":pk", AttributeValue::S(pk.to_string()))
+            .scan_index_forward(false)
+            .consistent_read(true)
+            .limit(i32::try_from(n + 1).unwrap_or(i32::MAX));
+        query = match before {
+            Some(b) => {
+                let skew = b.order_skew();
+                let upper = if skew.is_zero() {
+                    b.as_str().to_string()
+                } else {
+                    Sk::from_instant(b.instant() + skew).as_str().into()
+                };
+                query
+                    .key_condition_expression("pk = :pk AND sk < :upper")
+                    .expression_attribute_values(":upper", AttributeValue::S(upper))
+            }
+            None => query.key_condition_expression("pk = :pk"),
+        };
+        let what = format!("Query {pk} newest first");
+        let mut out = Newest::default();
+        let mut candidates: Vec<Message> = Vec::new();
+        let mut skew = chrono::Duration::zero();
+        let mut start: Option<RawItem> = None;
+        loop {
+            let page = query
+                .clone()
+                .set_exclusive_start_key(start.take())
+                .send()
+                .await
+                .map_err(|e| from_sdk(self.context(&what), e))?;
+            let mut last_wall = None;
+            for raw in page.items.unwrap_or_default() {
+                out.read += 1;
+                if let Some(sk) = string_attr(&raw, "sk").and_then(|s| Sk::parse(&s).ok()) {
+                    skew = skew.max(sk.order_skew());
+                    last_wall = sk.wall().or(last_wall);
+                }
+                match decode_item(&raw) {
+                    Ok(Item::Message(m)) if before.is_none_or(|b| m.sk < *b) => candidates.push(m),
+                    Ok(_) => {}
+                    Err(error) => {
+                        out.misfits.push(Misfit { pk: string_attr(&raw, "pk"), sk: string_attr(&raw, "sk"), error })
+                    }
+                }
+            }
+            let more_pages = page.last_evaluated_key.filter(|k| !k.is_empty());
+            candidates.sort_by(|a, b| b.sk.cmp(&a.sk));
+            let settled = match (candidates.get(n.saturating_sub(1)), last_wall) {
+                // Nothing unread sorts above the last key read, so nothing unread is newer than
+                // its wall clock plus the skew.
+                (Some(nth), Some(wall)) if n > 0 => wall + skew <= nth.sk.instant(),
+                _ => false,
+            };
+            match more_pages {
+                Some(k) if !settled => start = Some(k),
+                rest => {
+                    out.more = candidates.len() > n || rest.is_some();
+                    break;
+                }
+            }
+        }
+        candidates.truncate(n);
+        candidates.reverse();
+        out.messages = candidates;
+        Ok(out)
+    }
+
     /// Every item of the table, page by page; `each` sees items as they arrive so a scan of a
     /// large table streams instead of buffering. Stops after `limit` items.
     pub async fn scan(&self, limit: Option<usize>, mut each: impl FnMut(RawItem)) -> Result<usize> {
@@ -208,11 +311,16 @@ impl Store {
 
 impl ConversationStore for Store {
     fn group_rows(&self, user: UserUuid) -> futures::future::BoxFuture<'_, Result<Loaded<MessageGroup>>> {
-        Box::pin(Store::group_rows(self, user))
+        Box::pin(async move { self.report(Store::group_rows(self, user).await) })
     }
 
-    fn messages(&self, group: MessageGroupId) -> futures::future::BoxFuture<'_, Result<Loaded<Message>>> {
-        Box::pin(Store::messages(self, group))
+    fn newest_messages<'a>(
+        &'a self,
+        group: MessageGroupId,
+        before: Option<&'a Sk>,
+        n: usize,
+    ) -> futures::future::BoxFuture<'a, Result<Newest>> {
+        Box::pin(async move { self.report(Store::newest_messages(self, group, before, n).await) })
     }
 }
 

@@ -5,6 +5,7 @@ use std::any::Any;
 use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
 
+use super::expiry::Expires;
 use crate::model::{conversation_list, Message, MessageGroup, MessageGroupId, Sk};
 
 /// A user's group rows, keyed by sort key, with the conversation list derived from them.
@@ -77,13 +78,9 @@ pub struct MessageWindow {
 }
 
 impl MessageWindow {
-    /// Keeps the newest `size` of `all` (which is sorted oldest first).
-    pub(super) fn from_all(mut all: Vec<Message>, size: usize) -> Self {
-        let complete = all.len() <= size;
-        if !complete {
-            all.drain(..all.len() - size);
-        }
-        MessageWindow { messages: all, complete }
+    /// The newest messages as read (oldest first); `complete` when nothing older exists.
+    pub(super) fn new(messages: Vec<Message>, complete: bool) -> Self {
+        MessageWindow { messages, complete }
     }
 
     pub(super) fn upsert(&self, m: Message, size: usize) -> Self {
@@ -101,13 +98,20 @@ impl MessageWindow {
         MessageWindow { messages, complete }
     }
 
-    pub(super) fn remove(&self, sk: &Sk) -> Self {
-        let mut messages = self.messages.clone();
-        if let Ok(i) = messages.binary_search_by(|x| x.sk.cmp(sk)) {
-            messages.remove(i);
+    /// The window without the message at `sk`; `None` when that leaves an incomplete window
+    /// short of the newest messages it should hold (older ones it never had would now belong
+    /// in it, so it must be loaded again rather than follow the conversation with a hole).
+    pub(super) fn remove(&self, sk: &Sk) -> Option<Self> {
+        let Ok(i) = self.messages.binary_search_by(|x| x.sk.cmp(sk)) else {
+            return Some(self.clone());
+        };
+        if !self.complete {
+            return None;
         }
-        // The rest are still the newest ones; a complete window stays complete.
-        MessageWindow { messages, complete: self.complete }
+        let mut messages = self.messages.clone();
+        messages.remove(i);
+        // A complete window stays complete: nothing older exists.
+        Some(MessageWindow { messages, complete: true })
     }
 
     pub fn messages(&self) -> &[Message] {
@@ -123,6 +127,9 @@ impl MessageWindow {
         u32::try_from(bytes + 64).unwrap_or(u32::MAX)
     }
 }
+
+impl Expires for GroupRows {}
+impl Expires for MessageWindow {}
 
 /// A page of a list and whether more exists beyond it.
 #[derive(Debug, Clone)]
@@ -155,21 +162,21 @@ mod tests {
 
     #[test]
     fn window_keeps_the_newest_and_knows_when_it_is_complete() {
-        let w = MessageWindow::from_all((0..5).map(msg).collect(), 3);
+        let w = MessageWindow::new((2..5).map(msg).collect(), false);
         assert_eq!(minutes(&w), ["m2", "m3", "m4"]);
-        assert!(!w.complete());
         // older than an incomplete window: ignored
         assert_eq!(minutes(&w.upsert(msg(1), 3)), ["m2", "m3", "m4"]);
         // newer: pushes the oldest out
         assert_eq!(minutes(&w.upsert(msg(9), 3)), ["m3", "m4", "m9"]);
-        let small = MessageWindow::from_all(vec![msg(1)], 3);
-        assert!(small.complete());
+        let small = MessageWindow::new(vec![msg(1)], true);
         let grown = small.upsert(msg(0), 3).upsert(msg(2), 3);
         assert_eq!(minutes(&grown), ["m0", "m1", "m2"]);
         assert!(grown.complete());
         let over = grown.upsert(msg(3), 3);
         assert!(!over.complete());
-        assert_eq!(minutes(&over.remove(&msg(2).sk)), ["m1", "m3"]);
+        assert!(over.remove(&msg(2).sk).is_none(), "an incomplete window that loses a message is loaded again");
+        assert_eq!(minutes(&over.remove(&msg(7).sk).unwrap()), ["m1", "m2", "m3"], "a message it does not hold");
+        assert_eq!(minutes(&grown.remove(&msg(1).sk).unwrap()), ["m0", "m2"], "a complete one stays complete");
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 
-use super::source::{CacheError, ConversationStore, Loaded, UserDirectory};
+use super::source::{CacheError, ConversationStore, Loaded, Newest, UserDirectory};
 use crate::model::{CognitoSub, Message, MessageGroup, MessageGroupId, Sk, UserUuid};
 
 #[derive(Default)]
@@ -85,12 +85,27 @@ impl ConversationStore for ScriptedStore {
         Box::pin(self.answer(snapshot))
     }
 
-    fn messages(&self, group: MessageGroupId) -> BoxFuture<'_, crate::Result<Loaded<Message>>> {
-        let snapshot: Vec<Message> = {
+    /// Reads the newest `n + 1` (as the real store does at best), so `read` is what a bounded
+    /// read costs.
+    fn newest_messages<'a>(
+        &'a self,
+        group: MessageGroupId,
+        before: Option<&'a Sk>,
+        n: usize,
+    ) -> BoxFuture<'a, crate::Result<Newest>> {
+        let older: Vec<Message> = {
             let t = self.tables.lock().unwrap_or_else(|e| e.into_inner());
-            t.messages.get(&group).map(|all| all.values().cloned().collect()).unwrap_or_default()
+            let all = t.messages.get(&group);
+            all.map(|all| all.values().filter(|m| before.is_none_or(|b| m.sk < *b)).cloned().collect())
+                .unwrap_or_default()
         };
-        Box::pin(self.answer(snapshot))
+        Box::pin(async move {
+            let (mut all, _) = self.answer(older).await?;
+            let read = all.len().min(n + 1);
+            let more = all.len() > n;
+            let newest = all.split_off(all.len().saturating_sub(n));
+            Ok(Newest { messages: newest, more, read, misfits: Vec::new() })
+        })
     }
 }
 

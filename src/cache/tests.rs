@@ -47,12 +47,12 @@ fn cache(store: &Arc<ScriptedStore>, users: &Arc<ScriptedUsers>) -> Arc<Cache> {
     Arc::new(Cache::new(&cfg, Duration::from_secs(5), store, users, Arc::new(Metrics::new())))
 }
 
-fn texts(rows: &GroupRows) -> Vec<String> {
-    rows.view().iter().map(|g| g.message.clone()).collect()
+fn texts(rows: &Served<GroupRows>) -> Vec<String> {
+    rows.value.view().iter().map(|g| g.message.clone()).collect()
 }
 
 /// `user()`'s conversations, asked for on a task of its own.
-fn groups_later(cache: &Arc<Cache>) -> tokio::task::JoinHandle<Result<Arc<GroupRows>, CacheError>> {
+fn groups_later(cache: &Arc<Cache>) -> tokio::task::JoinHandle<Result<Served<GroupRows>, CacheError>> {
     let cache = cache.clone();
     tokio::spawn(async move { cache.groups(user()).await })
 }
@@ -60,7 +60,7 @@ fn groups_later(cache: &Arc<Cache>) -> tokio::task::JoinHandle<Result<Arc<GroupR
 /// `sub`'s user, asked for on a task of its own.
 fn user_later(cache: &Arc<Cache>, sub: &CognitoSub) -> tokio::task::JoinHandle<Result<Option<UserUuid>, CacheError>> {
     let (cache, sub) = (cache.clone(), sub.clone());
-    tokio::spawn(async move { cache.user(&sub).await })
+    tokio::spawn(async move { cache.user(&sub).await.map(|served| *served.value) })
 }
 
 /// Lets every task that can run do so, on the paused clock.
@@ -164,12 +164,57 @@ async fn stream_changes_keep_a_window_to_the_newest_messages() {
     let cache = cache(&store, &users);
     let group = message(0).group;
     let window = cache.window(group).await.unwrap();
-    assert_eq!(window.messages().len(), 3);
+    assert_eq!(window.value.messages().len(), 3);
+    store.put_message(message(9));
     cache.apply(Change::Upsert(Item::Message(message(9)))).await;
-    cache.apply(Change::Remove(ItemKey { pk: Pk::Messages(group), sk: message(4).sk })).await;
-    let now: Vec<String> = cache.window(group).await.unwrap().messages().iter().map(|m| m.message.clone()).collect();
-    assert_eq!(now, ["m3", "m9"]);
-    assert_eq!(store.reads(), 1);
+    let now: Vec<String> =
+        cache.window(group).await.unwrap().value.messages().iter().map(|m| m.message.clone()).collect();
+    assert_eq!(now, ["m3", "m4", "m9"]);
+    assert_eq!(store.reads(), 1, "the change was applied, not reloaded");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_window_emptied_by_deletes_is_loaded_again_not_left_empty() {
+    let (store, users) = (Arc::new(ScriptedStore::new()), Arc::new(ScriptedUsers::new()));
+    for m in 0..10 {
+        store.put_message(message(m));
+    }
+    let cache = cache(&store, &users);
+    let group = message(0).group;
+    let page = |served: Served<Page<Message>>| served.value.items.iter().map(|m| m.message.clone()).collect::<Vec<_>>();
+    assert_eq!(page(cache.messages_page(group, 3, None).await.unwrap()), ["m7", "m8", "m9"]);
+    // The window's three messages are deleted, then one more is written.
+    for m in 7..10 {
+        store.delete_message(group, &message(m).sk);
+        cache.apply(Change::Remove(ItemKey { pk: Pk::Messages(group), sk: message(m).sk })).await;
+    }
+    store.put_message(message(20));
+    cache.apply(Change::Upsert(Item::Message(message(20)))).await;
+    let reads = store.reads();
+    for _ in 0..5 {
+        assert_eq!(page(cache.messages_page(group, 3, None).await.unwrap()), ["m5", "m6", "m20"]);
+    }
+    assert_eq!(store.reads(), reads + 1, "one reload, then hits: not a DynamoDB read per request");
+}
+
+#[tokio::test]
+async fn the_ttl_runs_from_the_load_so_an_active_key_is_reloaded() {
+    // Real time: moka's clock is not tokio's.
+    let (store, users) = (Arc::new(ScriptedStore::new()), Arc::new(ScriptedUsers::new()));
+    store.put_group(row(1, "first"));
+    let cfg = CacheConfig { ttl: Duration::from_millis(300), ..CacheConfig::default() };
+    let cache = Cache::new(&cfg, Duration::from_secs(5), store.clone(), users, Arc::new(Metrics::new()));
+    let started = std::time::Instant::now();
+    let mut minute = 2;
+    while started.elapsed() < Duration::from_secs(2) {
+        let _ = cache.groups(user()).await.unwrap();
+        // A change every 100 ms: each rewrites the entry, none may extend its life.
+        store.put_group(row(minute, "more"));
+        cache.apply(Change::Upsert(Item::Group(row(minute, "more")))).await;
+        minute = (minute + 1) % 60;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(store.reads() >= 5, "reloaded {} times in 2 s with a 300 ms TTL", store.reads());
 }
 
 #[tokio::test(start_paused = true)]

@@ -154,6 +154,10 @@ pub struct CacheConfig {
     /// changed elsewhere (another instance's reconcile, the CLI) within this.
     #[serde(with = "humantime_serde")]
     pub users_ttl: Duration,
+    /// Past its TTL, an entry whose reload fails is served this much longer (with `Age`);
+    /// `0s` turns that off.
+    #[serde(with = "humantime_serde")]
+    pub stale_if_error: Duration,
 }
 
 impl Default for CacheConfig {
@@ -163,6 +167,7 @@ impl Default for CacheConfig {
             ttl: Duration::from_secs(600),
             messages_per_group: 50,
             users_ttl: Duration::from_secs(60),
+            stale_if_error: Duration::from_secs(3600),
         }
     }
 }
@@ -177,6 +182,9 @@ impl Validate for CacheConfig {
         }
         if self.users_ttl.is_zero() || self.users_ttl > Duration::from_secs(24 * 3600) {
             p.bad("users_ttl", "must be between 1ms and 24h");
+        }
+        if self.stale_if_error > Duration::from_secs(7 * 24 * 3600) {
+            p.bad("stale_if_error", "must be at most 7d (\"0s\" turns it off)");
         }
         if !(1..=1000).contains(&self.messages_per_group) {
             p.bad("messages_per_group", "must be between 1 and 1000");

@@ -15,17 +15,19 @@ use tokio::sync::watch;
 
 use super::auth::AuthSlot;
 use crate::cache::Cache;
-use crate::health::{PgHealth, Probes, POSTGRES_FRESHNESS};
+use crate::dependency::{Dependencies, DependencyStatus};
+use crate::health::Probes;
 use crate::heartbeat::Heartbeat;
-use crate::metrics::Metrics;
+use crate::metrics::{DependencyLabels, Metrics};
 use crate::stream::TailerStatus;
 
 pub(crate) struct AdminState {
     pub metrics: Arc<Metrics>,
     pub cache: Arc<Cache>,
     pub auth: Arc<AuthSlot>,
-    pub pg: Arc<PgHealth>,
-    /// The stream tailer's status; ready when it holds a position on every open shard.
+    /// How each dependency did at its last call: reported, never a reason to be unready.
+    pub deps: Arc<Dependencies>,
+    /// The stream tailer's status; ready once it held a position on every open shard.
     pub stream_status: watch::Receiver<TailerStatus>,
     /// Set when shutdown begins; readiness fails from then on.
     pub shutting_down: Arc<AtomicBool>,
@@ -54,18 +56,47 @@ async fn livez(State(s): State<Arc<AdminState>>) -> Response {
     }
 }
 
+/// "Can serve" (SPEC section 6): the keys are loaded, the tailer positioned itself once, and
+/// shutdown has not begun. Dependencies are reported in `checks` but never fail it: this daemon
+/// runs as a sidecar, and a 503 here takes the app's pod out with it while cached users could
+/// still be served.
 async fn readyz(State(s): State<Arc<AdminState>>) -> Response {
-    let checks = [
-        ("shutdown", !s.shutting_down.load(Ordering::Acquire), "shutting down"),
-        ("stream", s.stream_status.borrow().positioned, "the stream tailer is not positioned on every open shard"),
-        ("postgres", s.pg.answered_within(POSTGRES_FRESHNESS), "PostgreSQL has not answered in the last 30s"),
-        ("jwks", s.auth.current().jwks_loaded(), "the token signing keys are not loaded"),
-    ];
-    let ready = checks.iter().all(|(_, ok, _)| *ok);
-    let detail: serde_json::Map<String, serde_json::Value> =
-        checks.iter().map(|(name, ok, why)| (name.to_string(), if *ok { json!("ok") } else { json!(why) })).collect();
+    let mut checks = serde_json::Map::new();
+    let mut ready = true;
+    let mut check = |name: &str, outcome: Result<String, &str>| {
+        let text = match outcome {
+            Ok(text) => text,
+            Err(why) => {
+                ready = false;
+                why.to_string()
+            }
+        };
+        checks.insert(name.to_string(), json!(text));
+    };
+    check("shutdown", if s.shutting_down.load(Ordering::Acquire) { Err("shutting down") } else { Ok("ok".into()) });
+    let stream = s.stream_status.borrow().clone();
+    check(
+        "stream",
+        match (stream.positioned_once, stream.positioned) {
+            (false, _) => Err("the stream tailer has not yet positioned itself on every open shard"),
+            (true, true) => Ok("ok".into()),
+            (true, false) => Ok(format!(
+                "degraded: repositioning ({}{})",
+                stream.state,
+                stream.last_error.map(|e| format!("; last error: {e}")).unwrap_or_default()
+            )),
+        },
+    );
+    for (name, health) in s.deps.all() {
+        let status = health.status();
+        if name == "jwks" && !s.auth.current().jwks_loaded() {
+            check(name, Err("the token signing keys are not loaded"));
+            continue;
+        }
+        check(name, Ok(if status == DependencyStatus::Unknown { "ok".into() } else { status.to_string() }));
+    }
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    let body = json!({ "status": if ready { "ready" } else { "not_ready" }, "checks": detail });
+    let body = json!({ "status": if ready { "ready" } else { "not_ready" }, "checks": checks });
     (status, Json(body)).into_response()
 }
 
@@ -73,6 +104,9 @@ async fn readyz(State(s): State<Arc<AdminState>>) -> Response {
 /// everyone else.
 async fn metrics(State(s): State<Arc<AdminState>>, headers: HeaderMap) -> Response {
     s.cache.refresh_gauges().await;
+    for (dependency, health) in s.deps.all() {
+        s.metrics.dependency_up.get_or_create(&DependencyLabels { dependency }).set(i64::from(health.status().is_up()));
+    }
     let openmetrics = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())

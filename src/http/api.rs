@@ -158,8 +158,9 @@ fn params(uri: &Uri) -> Result<(usize, Option<String>), ApiError> {
     Ok((parse_limit(p.limit.as_deref())?, p.before))
 }
 
-/// The caller's `users.uuid`, from the token.
-async fn caller(state: &ApiState, headers: &HeaderMap) -> Result<UserUuid, ApiError> {
+/// The caller's `users.uuid`, from the token, and how stale the mapping was when it came from
+/// an entry served past its TTL.
+async fn caller(state: &ApiState, headers: &HeaderMap) -> Result<(UserUuid, Option<Duration>), ApiError> {
     let header = match headers.get(header::AUTHORIZATION) {
         None => None,
         // UTF-8 rather than `to_str`'s visible-ASCII pass over the whole token: the token's
@@ -169,13 +170,21 @@ async fn caller(state: &ApiState, headers: &HeaderMap) -> Result<UserUuid, ApiEr
         }
     };
     let verified = state.auth.current().verify(header).await?;
-    state.cache.user(&verified.sub).await?.ok_or_else(|| {
-        ApiError::new(
+    let served = state.cache.user(&verified.sub).await?;
+    match *served.value {
+        Some(user) => Ok((user, served.stale_age)),
+        None => Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "user_not_provisioned",
             "the token is valid but no Cruddur user is linked to it yet",
-        )
-    })
+        )),
+    }
+}
+
+/// The oldest of the stale ages a response was made from (`Age`, RFC 9111); none when every
+/// part was fresh.
+fn stale_age(ages: &[Option<Duration>]) -> Option<Duration> {
+    ages.iter().flatten().max().copied()
 }
 
 // Handlers take the whole request last (not a `HeaderMap`, which axum would clone) and read
@@ -187,14 +196,15 @@ async fn message_groups(State(state): State<Arc<ApiState>>, req: Request) -> Res
         None => None,
         Some(c) => Some(cursor::decode_group(c).ok_or_else(|| ApiError::bad_request("before is not a valid cursor"))?),
     };
-    let user = caller(&state, headers).await?;
+    let (user, user_age) = caller(&state, headers).await?;
     let rows = state.cache.groups(user).await?;
+    let age = stale_age(&[user_age, rows.stale_age]);
     if before.is_none() && limit == DEFAULT_LIMIT {
-        if let Some(page) = rows.memo(|view| groups_page(view, limit, None)) {
-            return Ok(respond(headers, page));
+        if let Some(page) = rows.value.memo(|view| groups_page(view, limit, None)) {
+            return Ok(respond(headers, page, age));
         }
     }
-    Ok(respond(headers, &groups_page(rows.view(), limit, before.as_ref())))
+    Ok(respond(headers, &groups_page(rows.value.view(), limit, before.as_ref()), age))
 }
 
 fn groups_page(view: &[MessageGroup], limit: usize, before: Option<&(Sk, MessageGroupId)>) -> Rendered {
@@ -227,18 +237,21 @@ async fn messages(
             Some(cursor::decode_message(c).ok_or_else(|| ApiError::bad_request("before is not a valid cursor"))?)
         }
     };
-    let user = caller(&state, headers).await?;
-    if !state.cache.groups(user).await?.contains_group(group) {
+    let (user, user_age) = caller(&state, headers).await?;
+    let rows = state.cache.groups(user).await?;
+    if !rows.value.contains_group(group) {
         return Err(ApiError::not_found("no such conversation"));
     }
-    let page = state.cache.messages_page(group, limit, before.as_ref()).await?;
+    let served = state.cache.messages_page(group, limit, before.as_ref()).await?;
+    let age = stale_age(&[user_age, rows.stale_age, served.stale_age]);
+    let page = &served.value;
     let next = match (page.more, page.items.first()) {
         (true, Some(oldest)) => Some(cursor::encode_message(&oldest.sk)),
         _ => None,
     };
     let entries: Vec<ApiEntry> = page.items.iter().map(|m| m.api_entry()).collect();
     let link = next.map(|c| format!("/api/messages/{group}?limit={limit}&before={c}"));
-    Ok(respond(headers, &render(&entries, link)))
+    Ok(respond(headers, &render(&entries, link), age))
 }
 
 /// A response rendered once and served many times: the body and its header values, ready to
@@ -263,8 +276,9 @@ fn render(entries: &[ApiEntry], next: Option<String>) -> Rendered {
     }
 }
 
-/// A 200 with ETag, Cache-Control and Link, or a 304 when the client already has it.
-fn respond(headers: &HeaderMap, page: &Rendered) -> Response {
+/// A 200 with ETag, Cache-Control and Link, or a 304 when the client already has it; with
+/// `Age` when it was made from an entry served stale.
+fn respond(headers: &HeaderMap, page: &Rendered, stale_age: Option<Duration>) -> Response {
     let mut res = if if_none_match(headers, page.etag.as_bytes()) {
         StatusCode::NOT_MODIFIED.into_response()
     } else {
@@ -277,6 +291,9 @@ fn respond(headers: &HeaderMap, page: &Rendered) -> Response {
     h.insert(header::ETAG, page.etag.clone());
     if let Some(link) = &page.link {
         h.insert(header::LINK, link.clone());
+    }
+    if let Some(age) = stale_age {
+        h.insert(header::AGE, HeaderValue::from(age.as_secs()));
     }
     res
 }

@@ -40,6 +40,7 @@ use sha2::{Digest, Sha256};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::config::{AuthConfig, TokenUse};
+use crate::dependency::Dependencies;
 use crate::metrics::{Metrics, RunLabels, RunResult};
 
 /// Leeway on `exp` and `nbf` (SPEC section 5: at most 60 s).
@@ -230,6 +231,9 @@ struct Inner {
     verifications: AtomicU64,
     fetches: AtomicU64,
     metrics: Option<Arc<Metrics>>,
+    /// Set once: by the builder, or by a reload once this authenticator's first fetch worked
+    /// (a trial fetch that fails must not mark the JWKS in force as degraded).
+    health: std::sync::OnceLock<Arc<Dependencies>>,
     /// Stops the scheduled refresh when the last clone of this authenticator goes (a reload
     /// replaced it).
     refresh_stop: CancellationToken,
@@ -315,6 +319,7 @@ pub struct AuthenticatorBuilder<'a> {
     refetch_interval: Duration,
     leeway: u64,
     metrics: Option<Arc<Metrics>>,
+    health: Option<Arc<Dependencies>>,
 }
 
 impl AuthenticatorBuilder<'_> {
@@ -335,6 +340,12 @@ impl AuthenticatorBuilder<'_> {
     /// Counts every JWKS fetch in `jwks_refreshes_total`.
     pub fn metrics(mut self, metrics: Arc<Metrics>) -> Self {
         self.metrics = Some(metrics);
+        self
+    }
+
+    /// Reports every JWKS fetch to `health.jwks` (`/readyz`, `dependency_up`).
+    pub fn health(mut self, health: Arc<Dependencies>) -> Self {
+        self.health = Some(health);
         self
     }
 
@@ -377,6 +388,7 @@ impl AuthenticatorBuilder<'_> {
                 verifications: AtomicU64::new(0),
                 fetches: AtomicU64::new(0),
                 metrics: self.metrics,
+                health: self.health.map(std::sync::OnceLock::from).unwrap_or_default(),
                 _refresh_guard: refresh_stop.clone().drop_guard(),
                 refresh_stop,
             }),
@@ -420,6 +432,15 @@ impl Authenticator {
             refetch_interval: REFETCH_MIN_INTERVAL,
             leeway: LEEWAY_SECS,
             metrics: None,
+            health: None,
+        }
+    }
+
+    /// Reports this authenticator's fetches to `health.jwks` from now on (no-op when it already
+    /// reports somewhere), starting with its JWKS loaded state.
+    pub fn report_to(&self, health: Arc<Dependencies>) {
+        if self.inner.health.set(health.clone()).is_ok() && self.jwks_loaded() {
+            health.jwks.ok();
         }
     }
 
@@ -601,6 +622,9 @@ impl Authenticator {
         match parsed {
             Ok((published, max_age)) => {
                 count(RunResult::success);
+                if let Some(h) = self.inner.health.get() {
+                    h.jwks.ok();
+                }
                 let (n, changed) = self.store_keys(published);
                 *self.inner.max_age.lock().unwrap_or_else(|p| p.into_inner()) = max_age;
                 if self.inner.failing.swap(false, Ordering::AcqRel) {
@@ -615,6 +639,9 @@ impl Authenticator {
             Err(e) => {
                 count(RunResult::failure);
                 let detail = format!("fetching the JWKS from {url}: {e}");
+                if let Some(h) = self.inner.health.get() {
+                    h.jwks.failed(&detail);
+                }
                 let kept = self.current_keys().map_or(0, |k| k.keys.len());
                 // One line per failure streak: a JWKS outage must not fill the log.
                 if !self.inner.failing.swap(true, Ordering::AcqRel) {

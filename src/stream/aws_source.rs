@@ -7,18 +7,39 @@ use aws_sdk_dynamodbstreams::types::ShardIteratorType;
 use super::source::{
     Position, RecordsPage, ShardId, ShardInfo, ShardIterator, ShardPage, SourceError, StreamSource, TableStream,
 };
+use std::sync::Arc;
+
 use crate::aws::errors;
+use crate::dependency::{Dependencies, DependencyHealth};
 
 /// Reads through the DynamoDB client (DescribeTable) and the Streams client (everything else).
 #[derive(Clone, Debug)]
 pub struct AwsSource {
     dynamodb: aws_sdk_dynamodb::Client,
     streams: aws_sdk_dynamodbstreams::Client,
+    /// Where each call's outcome is reported (`dependency_up`, `/readyz`).
+    health: Option<Arc<Dependencies>>,
 }
 
 impl AwsSource {
     pub fn new(dynamodb: aws_sdk_dynamodb::Client, streams: aws_sdk_dynamodbstreams::Client) -> Self {
-        Self { dynamodb, streams }
+        Self { dynamodb, streams, health: None }
+    }
+
+    /// Reports DescribeTable to `health.dynamodb` and the stream calls to `health.streams`.
+    pub fn with_health(mut self, health: Arc<Dependencies>) -> Self {
+        self.health = Some(health);
+        self
+    }
+
+    /// A failure that says the service is not answering (not one about a shard or position).
+    fn report<T>(&self, dependency: fn(&Dependencies) -> &DependencyHealth, result: &Result<T, SourceError>) {
+        let Some(health) = &self.health else { return };
+        match result {
+            Ok(_) => dependency(health).ok(),
+            Err(e @ (SourceError::Throttled(_) | SourceError::Other(_))) => dependency(health).failed(e),
+            Err(_) => dependency(health).ok(),
+        }
     }
 }
 
@@ -59,6 +80,49 @@ fn iterator_type(position: &Position) -> (ShardIteratorType, Option<&str>) {
 
 impl StreamSource for AwsSource {
     async fn describe_table(&self, table: &str) -> Result<TableStream, SourceError> {
+        let result = self.describe_table_call(table).await;
+        self.report(|h| &h.dynamodb, &result);
+        // The service answers, but there is nothing to serve or follow: degraded all the same.
+        if let Some(health) = &self.health {
+            match &result {
+                Ok(TableStream::TableMissing) => health.dynamodb.failed(format!("the table {table} does not exist")),
+                Ok(TableStream::Disabled) => health.streams.failed(format!("the table {table} has no enabled stream")),
+                _ => {}
+            }
+        }
+        result
+    }
+
+    async fn describe_stream(
+        &self,
+        stream_arn: &str,
+        exclusive_start: Option<&ShardId>,
+    ) -> Result<ShardPage, SourceError> {
+        let result = self.describe_stream_call(stream_arn, exclusive_start).await;
+        self.report(|h| &h.streams, &result);
+        result
+    }
+
+    async fn get_shard_iterator(
+        &self,
+        stream_arn: &str,
+        shard: &ShardId,
+        position: &Position,
+    ) -> Result<ShardIterator, SourceError> {
+        let result = self.get_shard_iterator_call(stream_arn, shard, position).await;
+        self.report(|h| &h.streams, &result);
+        result
+    }
+
+    async fn get_records(&self, iterator: &ShardIterator) -> Result<RecordsPage, SourceError> {
+        let result = self.get_records_call(iterator).await;
+        self.report(|h| &h.streams, &result);
+        result
+    }
+}
+
+impl AwsSource {
+    async fn describe_table_call(&self, table: &str) -> Result<TableStream, SourceError> {
         let out = match self.dynamodb.describe_table().table_name(table).send().await {
             Ok(out) => out,
             Err(err) => {
@@ -81,7 +145,7 @@ impl StreamSource for AwsSource {
         }
     }
 
-    async fn describe_stream(
+    async fn describe_stream_call(
         &self,
         stream_arn: &str,
         exclusive_start: Option<&ShardId>,
@@ -117,7 +181,7 @@ impl StreamSource for AwsSource {
         Ok(ShardPage { shards, last_evaluated_shard_id: desc.last_evaluated_shard_id.map(ShardId) })
     }
 
-    async fn get_shard_iterator(
+    async fn get_shard_iterator_call(
         &self,
         stream_arn: &str,
         shard: &ShardId,
@@ -139,7 +203,7 @@ impl StreamSource for AwsSource {
         })
     }
 
-    async fn get_records(&self, iterator: &ShardIterator) -> Result<RecordsPage, SourceError> {
+    async fn get_records_call(&self, iterator: &ShardIterator) -> Result<RecordsPage, SourceError> {
         let out = self
             .streams
             .get_records()

@@ -57,6 +57,8 @@ pub(super) struct Coordinator<S, K> {
     /// holds its iterator.
     pending_positioned: bool,
     last_error: Option<String>,
+    /// Sticky; atomic because publishing happens from `&self` between calls.
+    positioned_once: std::sync::atomic::AtomicBool,
     sync_backoff: Backoff,
     sync_failing: bool,
 }
@@ -89,6 +91,7 @@ impl<S: StreamSource, K: ChangeSink> Coordinator<S, K> {
             pending_gap: None,
             pending_positioned: false,
             last_error: None,
+            positioned_once: std::sync::atomic::AtomicBool::new(false),
             sync_backoff: Backoff::new(BACKOFF_BASE, BACKOFF_CAP),
             sync_failing: false,
         }
@@ -157,6 +160,7 @@ impl<S: StreamSource, K: ChangeSink> Coordinator<S, K> {
             && self.pending_gap.is_none()
             && !self.pending_positioned
             && self.all_positioned();
+        let positioned_once = self.positioned_once.fetch_or(positioned, Ordering::Relaxed) || positioned;
         let metrics = &self.tailer.metrics;
         metrics.stream_shards.get_or_create(&ShardLabels { state: ShardState::reading }).set(self.readers.len() as i64);
         metrics
@@ -165,6 +169,7 @@ impl<S: StreamSource, K: ChangeSink> Coordinator<S, K> {
             .set(self.finished.len() as i64);
         self.tailer.status.send_replace(TailerStatus {
             positioned,
+            positioned_once,
             state: self.state.clone(),
             stream_arn: self.current_arn.clone(),
             view_type: self.view_type.clone(),

@@ -80,6 +80,23 @@ pub fn decode_record(shard: &ShardId, record: &Record) -> Result<ChangeRecord, S
     })
 }
 
+/// For a record whose image does not fit the model although its key decodes: the removal of
+/// that key, so the cache stops showing an item a load would skip.
+fn removal_of(shard: &ShardId, record: &Record, err: &SkipError) -> Option<ChangeRecord> {
+    if !matches!(err, SkipError::Model(_)) {
+        return None;
+    }
+    let sr = record.dynamodb()?;
+    let key = decode_key(sr.keys().or(sr.new_image()).or(sr.old_image())?).ok()?;
+    Some(ChangeRecord {
+        shard_id: shard.0.clone(),
+        sequence_number: sr.sequence_number()?.to_string(),
+        event: event_of(record).ok()?,
+        approximate_creation: sr.approximate_creation_date_time().and_then(to_chrono),
+        change: Change::Remove(key),
+    })
+}
+
 pub(crate) fn to_chrono(t: &aws_smithy_types::DateTime) -> Option<DateTime<Utc>> {
     DateTime::from_timestamp(t.secs(), t.subsec_nanos())
 }
@@ -142,13 +159,18 @@ pub fn decode_page(shard: &ShardId, records: &[Record], metrics: &Metrics) -> De
             Ok(change) => page.changes.push(change),
             Err(err) => {
                 metrics.stream_skipped_records.get_or_create(&SkipLabels { reason: err.reason().to_string() }).inc();
+                // The item no longer fits, but its key does: a fresh load would leave it out, so
+                // whatever is cached for it goes too.
+                let removal = removal_of(shard, record, &err);
                 tracing::warn!(
                     shard = %shard,
                     sequence_number = sr.and_then(|s| s.sequence_number()).unwrap_or("(none)"),
                     keys = %describe_keys(record),
                     reason = err.reason(),
-                    "skipping a stream record that does not fit the model: {err}"
+                    "skipping a stream record that does not fit the model{}: {err}",
+                    if removal.is_some() { " (its item is dropped from the cache)" } else { "" }
                 );
+                page.changes.extend(removal);
             }
         }
     }
@@ -309,6 +331,23 @@ mod tests {
         assert!(text.contains(r#"stream_skipped_records_total{reason="unknown_pk"} 1"#), "{text}");
         assert!(text.contains(r#"stream_records_total{event="INSERT"} 2"#), "{text}");
         assert!(text.contains(r#"stream_records_total{event="MODIFY"} 1"#), "{text}");
+    }
+
+    #[test]
+    fn an_image_that_no_longer_fits_removes_its_key() {
+        let metrics = Metrics::new();
+        let mut broken = message_image();
+        broken.remove("message");
+        let mut r = record(Some(OperationType::Modify), Some(keys_of(&broken)), Some(broken));
+        if let Some(sr) = r.dynamodb.as_mut() {
+            sr.sequence_number = Some("007".into());
+        }
+        let page = decode_page(&shard(), &[r], &metrics);
+        assert_eq!(page.changes.len(), 1);
+        assert_eq!(page.changes[0].sequence_number, "007");
+        let Change::Remove(key) = &page.changes[0].change else { panic!("{:?}", page.changes[0]) };
+        assert_eq!((key.pk.to_string(), key.sk.as_str()), (format!("MSG#{GROUP}"), SK));
+        assert!(metrics.encode().contains(r#"stream_skipped_records_total{reason="missing_attribute"} 1"#));
     }
 
     #[test]

@@ -47,8 +47,11 @@ impl fmt::Display for TailerState {
 /// What the tailer publishes through [`super::Tailer::status`].
 #[derive(Debug, Clone)]
 pub struct TailerStatus {
-    /// Every open shard of the current stream holds a position (the readiness check).
+    /// Every open shard of the current stream holds a position.
     pub positioned: bool,
+    /// `positioned` was true at least once since start (the readiness check: once ready, a
+    /// stream that stalls or repositions is a degraded dependency, not an unready daemon).
+    pub positioned_once: bool,
     pub state: TailerState,
     pub stream_arn: Option<String>,
     pub view_type: Option<String>,
@@ -70,6 +73,7 @@ impl TailerStatus {
     pub(crate) fn starting(turn_limit: Duration) -> Self {
         TailerStatus {
             positioned: false,
+            positioned_once: false,
             state: TailerState::Starting,
             stream_arn: None,
             view_type: None,

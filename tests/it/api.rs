@@ -423,7 +423,7 @@ async fn readiness_metrics_and_graceful_stop() {
     let app = App::start().await;
     let ready: Value = app.http.get(format!("{}/readyz", app.admin)).send().await.unwrap().json().await.unwrap();
     assert_eq!(ready["status"], "ready");
-    for check in ["stream", "postgres", "jwks", "shutdown"] {
+    for check in ["stream", "postgres", "dynamodb", "streams", "jwks", "shutdown"] {
         assert_eq!(ready["checks"][check], "ok", "{ready}");
     }
     assert_eq!(app.http.get(format!("{}/livez", app.admin)).send().await.unwrap().status(), 200);

@@ -8,6 +8,7 @@ mod support;
 
 mod api;
 mod auth;
+mod cache;
 mod check;
 mod config;
 mod convergence;

@@ -595,7 +595,7 @@ async fn cache_through(
         sqlx::postgres::PgPoolOptions::new().max_connections(1).test_before_acquire(false).connect(&url).await.unwrap();
     let cfg = cruddur_syncd::config::CacheConfig { users_ttl, ..Default::default() };
     let metrics = Arc::new(cruddur_syncd::metrics::Metrics::new());
-    let users = Arc::new(PgUsers { pool, target: "proxied".into() });
+    let users = Arc::new(PgUsers { pool, target: "proxied".into(), health: None });
     // Room for the held answer on a loaded machine: the lookup's deadline runs meanwhile. The
     // conversations store is never read here.
     Cache::new(&cfg, Duration::from_secs(60), Arc::new(ScriptedStore::new()), users, metrics)
@@ -621,7 +621,7 @@ async fn a_lookup_in_flight_when_its_mapping_is_forgotten_is_not_kept() {
     let cache = Arc::new(cache_through(&proxy, &db, Duration::from_secs(600)).await);
     // The lookup's statement is prepared on the one connection, so the next lookup sends one
     // flight (bind, execute) and gets one answer.
-    assert!(cache.user(&CognitoSub("sub-warm".into())).await.unwrap().is_some());
+    assert!(cache.user(&CognitoSub("sub-warm".into())).await.unwrap().value.is_some());
     // The tail of that answer (ReadyForQuery) may still be on its way.
     tokio::time::sleep(Duration::from_millis(200)).await;
 
@@ -649,10 +649,10 @@ async fn a_lookup_in_flight_when_its_mapping_is_forgotten_is_not_kept() {
     proxy.hold_responses(false);
 
     let seen = slow.await.unwrap().unwrap();
-    assert_eq!(seen.map(|u| u.0), Some(old_row), "a lookup started before the change answers what it read");
+    assert_eq!(seen.value.map(|u| u.0), Some(old_row), "a lookup started before the change answers what it read");
     forget.await.unwrap();
     let next = cache.user(&sub).await.unwrap();
-    assert_eq!(next.map(|u| u.0), Some(new_row), "the next request sees the new mapping");
+    assert_eq!(next.value.map(|u| u.0), Some(new_row), "the next request sees the new mapping");
     pg.close().await;
     db.drop_db().await;
 }
@@ -667,7 +667,7 @@ async fn a_mapping_changed_elsewhere_is_seen_within_users_ttl() {
     let proxy = support::tcp_proxy::TcpProxy::start("127.0.0.1:5432".parse().unwrap()).await;
     let cache = cache_through(&proxy, &db, Duration::from_millis(500)).await;
     let sub = CognitoSub("sub-2".into());
-    assert_eq!(cache.user(&sub).await.unwrap().map(|u| u.0), Some(old_row));
+    assert_eq!(cache.user(&sub).await.unwrap().value.map(|u| u.0), Some(old_row));
     sqlx::query("UPDATE public.users SET cognito_user_id = NULL WHERE uuid = $1")
         .bind(old_row)
         .execute(&pg)
@@ -675,7 +675,7 @@ async fn a_mapping_changed_elsewhere_is_seen_within_users_ttl() {
         .unwrap();
     let new_row = user_row(&pg, "after", Some("sub-2")).await;
     support::wait_until(DEADLINE, "the new mapping is served", || async {
-        cache.user(&sub).await.unwrap().map(|u| u.0) == Some(new_row)
+        cache.user(&sub).await.unwrap().value.map(|u| u.0) == Some(new_row)
     })
     .await;
     pg.close().await;
