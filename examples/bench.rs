@@ -8,8 +8,9 @@
 //!                                                Router whose one route returns the same response: what the
 //!                                                HTTP stack costs before the daemon does any work of its own
 //! bench populate <config> <user-uuid> <n>        n extra conversations for a user (a realistic 5 KB list)
-//! bench freshness <config> <token> <group> <rate> <seconds>
+//! bench freshness <config> <token> <group> <rate> <seconds> [<host:port>,...]
 //!                                                PutItem acknowledged -> visible in the API, p50/p99
+//!                                                (on every listed instance; default http.listen)
 //! bench memory <groups>                          RSS of the groups cache with that many cached users
 //! ```
 
@@ -46,7 +47,10 @@ async fn main() -> AnyResult<()> {
         ["floor", listen, head, body] => floor(listen, Canned::read(head, body)?).await,
         ["populate", cfg, user, n] => populate(cfg, user.parse()?, n.parse()?).await,
         ["freshness", cfg, token, group, rate, secs] => {
-            freshness(cfg, token, group.parse()?, rate.parse()?, secs.parse()?).await
+            freshness(cfg, token, group.parse()?, rate.parse()?, secs.parse()?, None).await
+        }
+        ["freshness", cfg, token, group, rate, secs, apis] => {
+            freshness(cfg, token, group.parse()?, rate.parse()?, secs.parse()?, Some(apis)).await
         }
         ["memory", n] => memory(n.parse()?).await,
         _ => Err("usage: see the header of examples/bench.rs".into()),
@@ -151,12 +155,22 @@ async fn populate(cfg: &str, user: Uuid, n: usize) -> AnyResult<()> {
 
 /// Writes `rate` messages a second for `secs` seconds; for each, the time from PutItem's
 /// acknowledgement until `GET /api/messages/{group}` shows it.
-async fn freshness(cfg_path: &str, token: &str, group: Uuid, rate: u64, secs: u64) -> AnyResult<()> {
+async fn freshness(
+    cfg_path: &str,
+    token: &str,
+    group: Uuid,
+    rate: u64,
+    secs: u64,
+    apis: Option<&str>,
+) -> AnyResult<()> {
     let loaded = support::load(cfg_path)?;
     let store = support::store(&loaded).await;
     // The newest 40 (inside the cached window of 50): at 50 writes/s a probe stays in that
     // page for most of a second, longer than it takes to appear.
-    let api = format!("http://{}/api/messages/{group}?limit=40", loaded.config.http.listen);
+    let listen = loaded.config.http.listen.to_string();
+    let bases: Vec<String> = apis.unwrap_or(&listen).split(',').map(|a| a.trim().to_string()).collect();
+    let urls: Arc<Vec<String>> =
+        Arc::new(bases.iter().map(|b| format!("http://{b}/api/messages/{group}?limit=40")).collect());
     let http = reqwest::Client::new();
     let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate));
     let mut probes = Vec::new();
@@ -172,37 +186,58 @@ async fn freshness(cfg_path: &str, token: &str, group: Uuid, rate: u64, secs: u6
             user_display_name: "Bench".into(),
             user_handle: "bench".into(),
         };
-        let (store, http, api, token) = (store.clone(), http.clone(), api.clone(), token.to_string());
+        let (store, http, urls, token) = (store.clone(), http.clone(), urls.clone(), token.to_string());
         probes.push(tokio::spawn(async move {
             let want = m.message_uuid.to_string();
             store.client().put_item().table_name(store.table()).set_item(Some(m.to_item())).send().await.ok()?;
             let acked = Instant::now();
-            while acked.elapsed() < Duration::from_secs(10) {
-                let res = http.get(&api).bearer_auth(&token).send().await.ok()?;
-                let body = res.text().await.ok()?;
-                if body.contains(&want) {
-                    return Some(acked.elapsed());
+            // Every instance polled until it shows the write: one latency per instance.
+            let mut seen: Vec<Option<Duration>> = vec![None; urls.len()];
+            while acked.elapsed() < Duration::from_secs(10) && seen.iter().any(Option::is_none) {
+                for (i, url) in urls.iter().enumerate() {
+                    if seen[i].is_some() {
+                        continue;
+                    }
+                    let Ok(res) = http.get(url).bearer_auth(&token).send().await else { continue };
+                    if res.text().await.is_ok_and(|body| body.contains(&want)) {
+                        seen[i] = Some(acked.elapsed());
+                    }
                 }
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            None
+            Some(seen)
         }));
     }
-    let mut lat: Vec<Duration> = Vec::new();
+    let mut per_instance: Vec<Vec<Duration>> = vec![Vec::new(); bases.len()];
     let mut lost = 0;
     for p in probes {
         match p.await? {
-            Some(d) => lat.push(d),
-            None => lost += 1,
+            Some(seen) => {
+                for (i, s) in seen.into_iter().enumerate() {
+                    match s {
+                        Some(d) => per_instance[i].push(d),
+                        None => lost += 1,
+                    }
+                }
+            }
+            None => lost += bases.len(),
         }
     }
-    lat.sort();
+    let mut all: Vec<Duration> = per_instance.iter().flatten().copied().collect();
+    all.sort();
+    for (base, lat) in bases.iter().zip(per_instance.iter_mut()) {
+        lat.sort();
+        if bases.len() > 1 {
+            println!("  {base}: p50 {:.1} ms, p99 {:.1} ms", ms(quantile(lat, 0.50)), ms(quantile(lat, 0.99)));
+        }
+    }
     println!(
-        "freshness: {} writes at {rate}/s for {secs}s; ack->visible p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; not seen within 10 s: {lost}",
-        lat.len(),
-        ms(quantile(&lat, 0.50)),
-        ms(quantile(&lat, 0.99)),
-        ms(lat.last().copied().unwrap_or_default()),
+        "freshness: {} writes at {rate}/s for {secs}s on {} instance(s); ack->visible p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; not seen within 10 s: {lost}",
+        all.len() / bases.len().max(1),
+        bases.len(),
+        ms(quantile(&all, 0.50)),
+        ms(quantile(&all, 0.99)),
+        ms(all.last().copied().unwrap_or_default()),
     );
     Ok(())
 }

@@ -30,12 +30,15 @@ use crate::cache::Cache;
 use crate::config::LoadedConfig;
 use crate::dependency::Dependencies;
 use crate::error::{Error, Result};
+use crate::fanout::follower::Follower;
+use crate::fanout::relay::Relay;
 use crate::health;
 use crate::heartbeat::Heartbeat;
 use crate::http::admin::AdminState;
 use crate::http::api::{ApiOptions, ApiState};
 use crate::http::auth::{AuthSlot, Authenticator};
 use crate::http::{self, ServeOptions};
+use crate::lease::Contest;
 use crate::metrics::Metrics;
 use crate::projector::Projector;
 use crate::reconcile::{self, Reconciler};
@@ -43,7 +46,7 @@ use crate::reload::Live;
 use crate::store::Store;
 use crate::stream::aws_source::AwsSource;
 use crate::stream::{Tailer, TailerStatus, TurnBounds};
-use crate::{aws, pg, reload, systemd};
+use crate::{aws, fanout, pg, reload, systemd};
 
 /// How long stopping waits for the background tasks after the API drained; past it they are
 /// abandoned (the process exits around them).
@@ -76,8 +79,13 @@ pub async fn start(loaded: &LoadedConfig) -> Result<Running> {
     let target = pg::describe(&pg_opts);
     let pool = pg::connect_with(&cfg.postgres, pg_opts.clone()).await?;
     // Reported by whoever calls each dependency; read by /readyz and `dependency_up`.
-    let deps = Arc::new(Dependencies::default());
+    let deps = Arc::new(if cfg.fanout.enabled() { Dependencies::with_nats() } else { Dependencies::default() });
     deps.postgres.ok();
+    // Fan-out on: NATS must answer at start too (exit 69 naming the URL).
+    let nats = match cfg.fanout.enabled() {
+        true => Some(Arc::new(fanout::connect(&cfg.fanout, deps.clone()).await?)),
+        false => None,
+    };
 
     let http_client =
         reqwest::Client::builder().build().map_err(|e| Error::Failed(format!("cannot build an HTTP client: {e}")))?;
@@ -122,17 +130,45 @@ pub async fn start(loaded: &LoadedConfig) -> Result<Running> {
             connect_timeout: cfg.postgres.connect_timeout,
             cfg: cfg.projector.clone(),
             metrics: metrics.clone(),
+            fanout: nats.clone(),
         };
         tasks.spawn(projector.run(background.child_token()));
     }
     // A delivery waits for the loads of the same key queued before it (the rule in `cache`'s
     // docs); each gives up with its request, so one key waits about a request timeout at most.
-    let bounds = TurnBounds { call: aws::call_bound(cfg.aws.call_timeout), delivery: cfg.http.request_timeout };
-    let tailer = Tailer::new(source, cfg.dynamodb.table.clone(), cfg.stream.clone(), metrics.clone())
-        .with_poll_interval(poll_rx)
-        .with_bounds(bounds);
-    let stream_status = tailer.status();
-    tasks.spawn(tailer.run(cache.clone(), background.child_token()));
+    let stream_status = match &nats {
+        None => {
+            let bounds = TurnBounds { call: aws::call_bound(cfg.aws.call_timeout), delivery: cfg.http.request_timeout };
+            let tailer = Tailer::new(source, cfg.dynamodb.table.clone(), cfg.stream.clone(), metrics.clone())
+                .with_poll_interval(poll_rx)
+                .with_bounds(bounds);
+            let status = tailer.status();
+            tasks.spawn(tailer.run(cache.clone(), background.child_token()));
+            status
+        }
+        Some(nats) => {
+            // One reader of the stream for the fleet (whoever holds the relay lease); every
+            // instance's cache follows the fan-out stream.
+            let relay = Relay {
+                source,
+                nats: nats.clone(),
+                table: cfg.dynamodb.table.clone(),
+                stream: cfg.stream.clone(),
+                poll_interval: poll_rx,
+                contest: Contest {
+                    pg: pg_opts.clone(),
+                    connect_timeout: cfg.postgres.connect_timeout,
+                    interval: cfg.fanout.lock_check_interval,
+                },
+                metrics: metrics.clone(),
+            };
+            tasks.spawn(relay.run(background.child_token()));
+            let follower = Follower::new(nats.clone(), cache.clone(), metrics.clone(), cfg.http.request_timeout);
+            let status = follower.status();
+            tasks.spawn(follower.run(background.child_token()));
+            status
+        }
+    };
     tasks.spawn(health::ping_postgres(pool, target, deps.clone(), background.child_token()));
     // Always spawned: with `enabled = false` it only waits for a reload that turns it on.
     let reconciler = Reconciler::new(
@@ -143,6 +179,10 @@ pub async fn start(loaded: &LoadedConfig) -> Result<Running> {
         cfg.postgres.connect_timeout,
         Some(cache.clone()),
     );
+    let reconciler = match &nats {
+        Some(nats) => reconciler.with_fanout(nats.clone()),
+        None => reconciler,
+    };
     tasks.spawn(reconcile::schedule(reconciler, reconcile_rx, metrics.clone(), background.child_token()));
 
     let serve_opts = ServeOptions::from(&cfg.http);

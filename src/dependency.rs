@@ -71,12 +71,29 @@ pub struct Dependencies {
     pub dynamodb: DependencyHealth,
     pub streams: DependencyHealth,
     pub jwks: DependencyHealth,
+    /// Reported only with fan-out on ([`Dependencies::with_nats`]).
+    pub nats: DependencyHealth,
+    uses_nats: bool,
 }
 
 impl Dependencies {
+    /// The dependencies of a daemon with fan-out on: NATS is one of them.
+    pub fn with_nats() -> Self {
+        Dependencies { uses_nats: true, ..Default::default() }
+    }
+
     /// `(label, health)` in report order.
-    pub fn all(&self) -> [(&'static str, &DependencyHealth); 4] {
-        [("postgres", &self.postgres), ("dynamodb", &self.dynamodb), ("streams", &self.streams), ("jwks", &self.jwks)]
+    pub fn all(&self) -> Vec<(&'static str, &DependencyHealth)> {
+        let mut all = vec![
+            ("postgres", &self.postgres),
+            ("dynamodb", &self.dynamodb),
+            ("streams", &self.streams),
+            ("jwks", &self.jwks),
+        ];
+        if self.uses_nats {
+            all.push(("nats", &self.nats));
+        }
+        all
     }
 }
 

@@ -144,6 +144,15 @@ pub struct VersionLabels {
     pub version: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RoleLabels {
+    pub role: &'static str,
+}
+
+/// The `reason` values of `fanout_gaps_total`: a gap the relay published (the stream lost
+/// records), a JetStream sequence the follower did not receive, a lost NATS connection.
+pub(crate) const FANOUT_GAP_REASONS: [&str; 3] = ["source", "missed", "reconnect"];
+
 pub(crate) type FloatGauge = Gauge<f64, AtomicU64>;
 
 fn duration_histogram() -> Histogram {
@@ -180,6 +189,12 @@ pub struct Metrics {
     pub projector_lag_seconds: FloatGauge,
     pub projector_leader: Gauge,
     pub projector_retrying: Gauge,
+    pub stream_get_records_calls: Counter,
+    pub fanout_role: Family<RoleLabels, Gauge>,
+    pub fanout_published: Counter,
+    pub fanout_received: Counter,
+    pub fanout_lag_seconds: FloatGauge,
+    pub fanout_gaps: Family<ReasonLabels, Counter>,
     pub build_info: Family<VersionLabels, Gauge>,
     hot: HotSeries,
 }
@@ -259,6 +274,12 @@ impl Metrics {
             projector_lag_seconds: FloatGauge::default(),
             projector_leader: Gauge::default(),
             projector_retrying: Gauge::default(),
+            stream_get_records_calls: Counter::default(),
+            fanout_role: Family::default(),
+            fanout_published: Counter::default(),
+            fanout_received: Counter::default(),
+            fanout_lag_seconds: FloatGauge::default(),
+            fanout_gaps: Family::default(),
             build_info: Family::default(),
             registry: Registry::default(),
             hot,
@@ -353,6 +374,32 @@ impl Metrics {
             "1 while the projector retries a record that failed for a transient reason (DynamoDB down, throttled, the index behind), else 0",
             m.projector_retrying.clone(),
         );
+        registry.register(
+            "stream_get_records_calls",
+            "GetRecords calls this instance made (with fan-out on, only the relay makes any)",
+            m.stream_get_records_calls.clone(),
+        );
+        registry.register(
+            "fanout_role",
+            "1 for this instance's fan-out role: relay (holds the relay lock, reads the stream) or follower",
+            m.fanout_role.clone(),
+        );
+        registry.register(
+            "fanout_published",
+            "Changes (and gap notices) this instance published to JetStream as the relay",
+            m.fanout_published.clone(),
+        );
+        registry.register(
+            "fanout_received",
+            "Messages this instance's follower received from JetStream",
+            m.fanout_received.clone(),
+        );
+        registry.register(
+            "fanout_lag_seconds",
+            "Now minus the creation time of the last stream record the follower applied",
+            m.fanout_lag_seconds.clone(),
+        );
+        registry.register("fanout_gaps", "Follower cache flushes, by reason", m.fanout_gaps.clone());
         registry.register("build_info", "Build information", m.build_info.clone());
         m.build_info.get_or_create(&VersionLabels { version: env!("CARGO_PKG_VERSION") }).set(1);
         // Every known label value starts at 0, so dashboards and rate() see a series from the
@@ -394,6 +441,9 @@ impl Metrics {
         }
         for result in [RunResult::success, RunResult::failure] {
             let _ = m.jwks_refreshes.get_or_create(&RunLabels { result });
+        }
+        for reason in FANOUT_GAP_REASONS {
+            let _ = m.fanout_gaps.get_or_create(&ReasonLabels { reason });
         }
         for dependency in ["postgres", "dynamodb", "streams", "jwks"] {
             m.dependency_up.get_or_create(&DependencyLabels { dependency }).set(1);

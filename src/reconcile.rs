@@ -250,9 +250,18 @@ pub struct Reconciler {
     pg_target: String,
     connect_timeout: Duration,
     cache: Option<Arc<Cache>>,
+    /// With fan-out on: where the changed subs are published, so every instance forgets them.
+    fanout: Option<Arc<crate::fanout::Nats>>,
 }
 
 impl Reconciler {
+    /// Publishes the subs each run changed on the fan-out stream (every instance's follower
+    /// forgets them at once, not at `cache.users_ttl`).
+    pub(crate) fn with_fanout(mut self, nats: Arc<crate::fanout::Nats>) -> Self {
+        self.fanout = Some(nats);
+        self
+    }
+
     pub fn new(
         cognito: aws_sdk_cognitoidentityprovider::Client,
         cognito_endpoint: impl Into<String>,
@@ -270,6 +279,7 @@ impl Reconciler {
             pg_target,
             connect_timeout,
             cache,
+            fanout: None,
         }
     }
 
@@ -364,6 +374,14 @@ impl Reconciler {
         if !dry_run {
             if let Some(cache) = &self.cache {
                 cache.forget_users(changed.iter().cloned()).await;
+            }
+            if let (Some(nats), false) = (&self.fanout, changed.is_empty()) {
+                // Best effort: the other instances see the change within users_ttl anyway.
+                if let Err(e) = nats.publish(&crate::fanout::wire::Notice::Users(changed.clone())).await {
+                    tracing::warn!(
+                        "cannot tell the fleet which mappings changed ({e}); they see it within cache.users_ttl"
+                    );
+                }
             }
             report.changed_subs = changed;
         }

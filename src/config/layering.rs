@@ -282,7 +282,7 @@ impl LoadedConfig {
             let toml::Value::Table(keys) = keys else { continue };
             for (key, value) in keys {
                 let full = format!("{section}.{key}");
-                let value = if full == "postgres.url" {
+                let value = if full == "postgres.url" || full == "fanout.nats_url" {
                     value.as_str().map(redact_url).unwrap_or_default()
                 } else {
                     value.to_string()

@@ -69,6 +69,7 @@ sections! {
     postgres: PostgresConfig,
     reconcile: ReconcileConfig,
     projector: ProjectorConfig,
+    fanout: FanoutConfig,
     log: LogConfig,
 }
 

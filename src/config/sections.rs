@@ -472,6 +472,99 @@ impl Validate for ProjectorConfig {
     }
 }
 
+/// Fan-out through NATS JetStream (`src/fanout/`): one instance of a fleet reads the stream and
+/// publishes every change; every instance's cache follows the JetStream stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FanoutConfig {
+    /// `nats://`, `tls://` (TLS required) or a comma-separated list of them; may carry
+    /// `user:password@`. Unset: every instance reads DynamoDB Streams itself.
+    pub nats_url: Option<String>,
+    /// The JetStream stream's name.
+    pub stream: String,
+    /// Subject prefix: changes go to `{subject}.changes`, changed users to `{subject}.users`.
+    pub subject: String,
+    /// Copies of the stream in a NATS cluster (1 on a single server, 3 in production).
+    pub replicas: u8,
+    /// How long JetStream keeps a change (DynamoDB Streams keeps records 24 h).
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+    /// How often a follower tries the relay lock, and the relay checks its lock connection.
+    #[serde(with = "humantime_serde")]
+    pub lock_check_interval: Duration,
+    /// A NATS credentials file (JWT + nkey seed), read at start.
+    pub creds_file: Option<PathBuf>,
+}
+
+impl Default for FanoutConfig {
+    fn default() -> Self {
+        Self {
+            nats_url: None,
+            stream: "cruddur_syncd_changes".into(),
+            subject: "cruddur_syncd".into(),
+            replicas: 1,
+            max_age: Duration::from_secs(24 * 3600),
+            lock_check_interval: Duration::from_secs(5),
+            creds_file: None,
+        }
+    }
+}
+
+impl FanoutConfig {
+    /// Fan-out is on.
+    pub fn enabled(&self) -> bool {
+        self.nats_url.is_some()
+    }
+}
+
+/// A NATS name (stream) or subject token: letters, digits, `-` and `_`.
+fn is_nats_token(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+impl Validate for FanoutConfig {
+    fn validate(&self, p: &mut Problems<'_>) {
+        if let Some(url) = &self.nats_url {
+            for one in url.split(',').map(str::trim) {
+                let parsed = reqwest::Url::parse(one);
+                if !parsed.as_ref().is_ok_and(|u| matches!(u.scheme(), "nats" | "tls") && u.host_str().is_some()) {
+                    p.bad(
+                        "nats_url",
+                        "must be nats://host:port or tls://host:port (comma-separated for several servers)",
+                    );
+                    break;
+                }
+            }
+        }
+        if !is_nats_token(&self.stream) {
+            p.bad("stream", "must be 1 to 64 letters, digits, '-' or '_'");
+        }
+        if !self.subject.split('.').all(is_nats_token) {
+            p.bad("subject", "must be dot-separated tokens of letters, digits, '-' or '_' (no wildcards)");
+        }
+        if !(1..=5).contains(&self.replicas) {
+            p.bad("replicas", "must be between 1 and 5 (JetStream's limit)");
+        }
+        if self.max_age < Duration::from_secs(60) || self.max_age > Duration::from_secs(7 * 24 * 3600) {
+            p.bad("max_age", "must be between 1m and 7d");
+        }
+        if self.lock_check_interval < Duration::from_millis(100) || self.lock_check_interval > Duration::from_secs(600)
+        {
+            p.bad("lock_check_interval", "must be between 100ms and 10m");
+        }
+        if let Some(path) = &self.creds_file {
+            match std::fs::read_to_string(path) {
+                Err(e) => p.bad("creds_file", format!("cannot be read ({}): {e}", path.display())),
+                Ok(text) => {
+                    if let Err(e) = async_nats::ConnectOptions::with_credentials(&text) {
+                        p.bad("creds_file", format!("is not a NATS credentials file ({}): {e}", path.display()));
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {

@@ -7,15 +7,15 @@
 //! without a condition (so a conversation vanished for a moment, and racing messages duplicated
 //! rows or rolled the last message back), and never ran locally.
 //!
-//! Exactly one projector runs in a fleet: [`run`] loops on a PostgreSQL session advisory lock
-//! ([`checkpoint::LOCK_KEY`]) held on a connection of its own. While it holds the lock the
+//! Exactly one projector runs in a fleet: [`Projector::run`] competes for a lease
+//! ([`crate::lease::PROJECTOR`], a PostgreSQL session advisory lock held on a connection of its
+//! own). While it holds the lock the
 //! instance runs its own stream tailer (the same code as the cache's, with its own sink),
 //! started from the checkpoints in PostgreSQL and saving one after every applied page: at least
 //! once, and idempotent, so a successor that takes over from the last checkpoint loses nothing
 //! and doubles nothing. Losing the session (the checkpoint or the periodic ping fails) stops
 //! the tailer; another instance, or this one later, takes over.
 
-pub(crate) mod checkpoint;
 pub(crate) mod rows;
 pub(crate) mod sink;
 
@@ -28,11 +28,11 @@ use tokio::sync::{watch, Mutex};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{InitialPosition, ProjectorConfig, StreamConfig};
+use crate::lease::{self, Contest, LockConn};
 use crate::metrics::Metrics;
 use crate::store::Store;
 use crate::stream::StreamSource;
 use crate::stream::{FreshStart, StartPlan, Tailer};
-use checkpoint::LockConn;
 use sink::ProjectorSink;
 
 /// Everything the projector needs, from the daemon's config and clients.
@@ -47,7 +47,13 @@ pub(crate) struct Projector<S> {
     pub cfg: ProjectorConfig,
     /// The daemon's registry: the projector's own families (`projector_*`).
     pub metrics: Arc<Metrics>,
+    /// With fan-out on, the projector reads the fan-out stream (a durable consumer) instead of
+    /// DynamoDB Streams: one reader per shard for the whole fleet.
+    pub fanout: Option<Arc<crate::fanout::Nats>>,
 }
+
+/// The projector's durable consumer on the fan-out stream.
+const DURABLE: &str = "cruddur_syncd_projector";
 
 impl<S: StreamSource> Projector<S> {
     /// Tries the lock every `lock_check_interval`; leads while it holds it; returns when `stop`
@@ -60,38 +66,12 @@ impl<S: StreamSource> Projector<S> {
     }
 
     async fn run_inner(self, stop: CancellationToken) {
-        let target = crate::pg::describe(&self.pg);
-        tracing::info!(postgres = %target, "projector enabled; waiting for the projector lock");
-        let mut last_error: Option<String> = None;
-        loop {
-            let attempt = tokio::select! {
-                _ = stop.cancelled() => return,
-                r = boxed(checkpoint::try_lock(&self.pg, self.connect_timeout)) => r,
-            };
-            let failed = match attempt {
-                Ok(Some(lock)) => {
-                    boxed(self.lead(lock, &stop)).await.err().map(|e| format!("the projector stopped leading: {e}"))
-                }
-                Ok(None) => {
-                    tracing::debug!(postgres = %target, "another instance holds the projector lock");
-                    None
-                }
-                Err(e) => Some(format!("cannot try the projector lock: {e}")),
-            };
-            // One line per change of error, not one per retry.
-            if failed.is_some() && failed != last_error {
-                tracing::warn!(
-                    "{}; retrying every {:?}",
-                    failed.as_deref().unwrap_or_default(),
-                    self.cfg.lock_check_interval
-                );
-            }
-            last_error = failed;
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(self.cfg.lock_check_interval) => {}
-            }
-        }
+        let contest = self.contest();
+        lease::compete(&lease::PROJECTOR, contest, stop.clone(), |lock| boxed(self.lead(lock, &stop))).await;
+    }
+
+    fn contest(&self) -> Contest {
+        Contest { pg: self.pg.clone(), connect_timeout: self.connect_timeout, interval: self.cfg.lock_check_interval }
     }
 
     /// A table without the group index would fail every record: refuse to lead instead. A
@@ -159,51 +139,45 @@ impl<S: StreamSource> Projector<S> {
             Some(lock.clone()),
             lost.clone(),
         ));
-        // The tailer gets a registry of its own: the stream_* families describe the cache's
-        // tailer, and two writers would make its gauges flap.
-        let tailer = Tailer::new(
-            Arc::clone(&self.source),
-            self.store.table().to_string(),
-            self.stream.clone(),
-            Arc::new(Metrics::new()),
-        )
-        .with_poll_interval(self.poll_interval.clone())
-        .with_start(StartPlan { fresh, resume: saved });
-        let task = tokio::spawn(tailer.run(sink, lost.clone()));
-        self.metrics.projector_leader.set(1);
-
-        let mut outcome = Ok(());
-        loop {
-            tokio::select! {
-                _ = lost.cancelled() => break,
-                _ = tokio::time::sleep(self.cfg.lock_check_interval) => {
-                    let ping = tokio::time::timeout(self.connect_timeout, async { lock.lock().await.ping().await }).await;
-                    let failed = match ping {
-                        Ok(Ok(())) => None,
-                        Ok(Err(e)) => Some(e),
-                        Err(_) => Some(crate::error::Error::Unavailable(format!(
-                            "the projector lock connection did not answer within {:?}",
-                            self.connect_timeout
-                        ))),
-                    };
-                    if let Some(e) = failed {
-                        outcome = Err(e);
-                        lost.cancel();
-                        break;
+        let task = match &self.fanout {
+            Some(nats) => {
+                let (nats, lost, from_start) =
+                    (nats.clone(), lost.clone(), self.cfg.initial_position == InitialPosition::TrimHorizon);
+                tokio::spawn(async move {
+                    tracing::info!(consumer = DURABLE, "the projector reads the fan-out stream");
+                    while !lost.is_cancelled() {
+                        if let Err(e) = crate::fanout::consume_durable(&nats, DURABLE, from_start, &*sink, &lost).await
+                        {
+                            tracing::warn!("the projector's fan-out consumer failed ({e}); retrying");
+                            tokio::select! {
+                                _ = lost.cancelled() => {}
+                                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                            }
+                        }
                     }
-                }
+                })
             }
-        }
+            None => {
+                // The tailer gets a registry of its own: the stream_* families describe the
+                // cache's tailer, and two writers would make its gauges flap.
+                let tailer = Tailer::new(
+                    Arc::clone(&self.source),
+                    self.store.table().to_string(),
+                    self.stream.clone(),
+                    Arc::new(Metrics::new()),
+                )
+                .with_poll_interval(self.poll_interval.clone())
+                .with_start(StartPlan { fresh, resume: saved });
+                tokio::spawn(tailer.run(sink, lost.clone()))
+            }
+        };
+        self.metrics.projector_leader.set(1);
+        let mut outcome = lease::keep(&lease::PROJECTOR, &lock, &self.contest(), &lost).await;
         let _ = task.await;
         self.metrics.projector_leader.set(0);
         // A record being retried when the tailer stopped is abandoned with it.
         self.metrics.projector_retrying.set(0);
-        // The tailer has stopped, so nothing else holds the connection.
-        if let Ok(lock) = Arc::try_unwrap(lock) {
-            // Bounded: a hung PostgreSQL must not hold up a stop; dropping the connection ends
-            // the session (and the lock) anyway.
-            let _ = tokio::time::timeout(self.connect_timeout, lock.into_inner().release()).await;
-        }
+        lease::release(lock, self.connect_timeout).await;
         if !stop.is_cancelled() && outcome.is_ok() {
             outcome = Err(crate::error::Error::Unavailable("a projector checkpoint could not be saved".into()));
         }

@@ -27,11 +27,11 @@ use tokio::sync::Mutex;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::checkpoint::LockConn;
 use super::rows::{
     confirm, execute, plan_forward, read_rows, read_rows_consistent, MoveError, OwnerPlan, Rows, Target,
 };
 use crate::config::ProjectorConfig;
+use crate::lease::LockConn;
 use crate::metrics::{Metrics, ReasonLabels};
 use crate::model::{decode_item, Item, ItemKey, Message, Pk, UserUuid};
 use crate::retry::{jitter, Backoff};

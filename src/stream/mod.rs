@@ -114,6 +114,8 @@ pub enum GapReason {
     IteratorExpired {
         shard_id: String,
     },
+    /// With fan-out on: the relay published a gap, or the follower may have missed messages.
+    Fanout(String),
 }
 
 impl std::fmt::Display for GapReason {
@@ -133,6 +135,7 @@ impl std::fmt::Display for GapReason {
             GapReason::IteratorExpired { shard_id } => {
                 write!(f, "the iterator of shard {shard_id} expired before any record was read from it")
             }
+            GapReason::Fanout(why) => write!(f, "fan-out: {why}"),
         }
     }
 }

@@ -288,6 +288,7 @@ impl<S: StreamSource, K: ChangeSink> Reader<S, K> {
 
     async fn read(&mut self, iterator: ShardIterator) -> ControlFlow<ReaderExit> {
         self.next_call = Instant::now() + MIN_GET_RECORDS_SPACING;
+        self.ctx.metrics.stream_get_records_calls.inc();
         match unless_cancelled(&self.cancel, self.ctx.source.get_records(&iterator)).await {
             None => ControlFlow::Break(ReaderExit::Cancelled),
             Some(Ok(page)) => {

@@ -479,7 +479,7 @@ impl Fleet {
         text.push_str(
             "\n[stream]\npoll_interval = \"100ms\"\n\n[reconcile]\nenabled = false\n\n\
              [projector]\nenabled = true\nlock_check_interval = \"200ms\"\n\n\
-             [log]\nlevel = \"info,cruddur_syncd::projector=debug\"\n",
+             [log]\nlevel = \"info,cruddur_syncd::projector=debug,cruddur_syncd::lease=debug\"\n",
         );
         std::fs::write(&path, text).unwrap();
         let loaded = cruddur_syncd::config::load(&path).unwrap();

@@ -19,6 +19,7 @@ pub mod app;
 pub mod daemon;
 pub mod fault_proxy;
 pub mod link;
+pub mod nats;
 pub mod pgcluster;
 pub mod tcp_proxy;
 pub mod workload;

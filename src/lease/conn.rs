@@ -1,10 +1,10 @@
-//! The projector's lock and checkpoints in PostgreSQL.
+//! One lease's PostgreSQL session: the advisory lock and the checkpoints written through it.
 //!
-//! One connection of the projector's own takes the session advisory lock [`LOCK_KEY`]: at most
-//! one instance of a fleet holds it, and PostgreSQL releases it when that session ends (the
-//! process died, the connection broke). Checkpoints are written through the same connection,
-//! so an instance that lost its session can no longer write one: a leader that was replaced
-//! cannot move a checkpoint under its successor.
+//! The session takes the lease's session advisory lock: at most one instance of a fleet holds
+//! it, and PostgreSQL releases it when that session ends (the process died, the connection
+//! broke). Checkpoints are written through the same connection, so an instance that lost its
+//! session can no longer write one: a leader that was replaced cannot move a checkpoint under
+//! its successor.
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -13,29 +13,15 @@ use futures::future::BoxFuture;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgConnection};
 
+use super::Lease;
 use crate::error::{Error, Result};
 use crate::pg;
 use crate::stream::SavedPositions;
 use crate::stream::{Progress, ShardId};
 
-/// The advisory lock key of the projector ("cruddurP"); reconciliation uses "cruddurR".
-pub(crate) const LOCK_KEY: i64 = 0x6372_7564_6475_7250;
-
-/// Where checkpoints live (created when missing, by the instance that holds the lock).
-pub(crate) const TABLE: &str = "cruddur_syncd_projector_checkpoint";
-
-/// The table, for operators who create it by hand (a role without CREATE on the schema).
-pub(crate) const DDL: &str = "CREATE TABLE IF NOT EXISTS cruddur_syncd_projector_checkpoint (
-    stream_arn text NOT NULL,
-    shard_id text NOT NULL,
-    sequence_number text,
-    finished boolean NOT NULL DEFAULT false,
-    updated_at timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (stream_arn, shard_id)
-)";
-
-/// The projector's own PostgreSQL session, holding the lock.
+/// A lease's own PostgreSQL session, holding its lock.
 pub(crate) struct LockConn {
+    lease: &'static Lease,
     conn: PgConnection,
     target: String,
     /// The stream whose checkpoints were last written: rows of older streams are dropped when
@@ -47,7 +33,11 @@ pub(crate) struct LockConn {
 ///
 /// Every future here is boxed: it proves `Send` where the lifetimes are concrete, which sqlx's
 /// `Executor` impls need when the caller is generic (the projector is, over its stream source).
-pub(crate) async fn try_lock(opts: &PgConnectOptions, connect_timeout: Duration) -> Result<Option<LockConn>> {
+pub(crate) async fn try_lock(
+    lease: &'static Lease,
+    opts: &PgConnectOptions,
+    connect_timeout: Duration,
+) -> Result<Option<LockConn>> {
     let target = pg::describe(opts);
     let cfg = crate::config::PostgresConfig { connect_timeout, ..Default::default() };
     let mut conn = match tokio::time::timeout(connect_timeout, PgConnection::connect_with(opts)).await {
@@ -56,15 +46,15 @@ pub(crate) async fn try_lock(opts: &PgConnectOptions, connect_timeout: Duration)
         Err(_) => return Err(pg::connect_error(&target, &sqlx::Error::PoolTimedOut, &cfg)),
     };
     let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-        .bind(LOCK_KEY)
+        .bind(lease.key)
         .fetch_one(&mut conn)
         .await
-        .map_err(|e| pg::query_error(&target, "taking the projector lock", e))?;
+        .map_err(|e| pg::query_error(&target, &format!("taking the {} lock", lease.what), e))?;
     if !locked {
         let _ = conn.close().await;
         return Ok(None);
     }
-    Ok(Some(LockConn { conn, target, current_arn: None }))
+    Ok(Some(LockConn { lease, conn, target, current_arn: None }))
 }
 
 impl LockConn {
@@ -75,11 +65,12 @@ impl LockConn {
     /// Creates the checkpoint table if it is missing.
     pub(crate) fn ensure_table(&mut self) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
-            sqlx::query(DDL).execute(&mut self.conn).await.map_err(|e| {
-                let base = pg::query_error(&self.target, &format!("creating table {TABLE}"), e);
+            let ddl = self.lease.ddl();
+            sqlx::query(&ddl).execute(&mut self.conn).await.map_err(|e| {
+                let base = pg::query_error(&self.target, &format!("creating table {}", self.lease.table), e);
                 match base {
                     Error::Failed(m) => {
-                        Error::Failed(format!("{m} (a role without CREATE can be given the table: {DDL})"))
+                        Error::Failed(format!("{m} (a role without CREATE can be given the table: {ddl})"))
                     }
                     other => other,
                 }
@@ -92,12 +83,13 @@ impl LockConn {
     pub fn load(&mut self) -> BoxFuture<'_, Result<Option<SavedPositions>>> {
         Box::pin(async move {
             let rows: Vec<(String, String, Option<String>, bool)> = sqlx::query_as(&format!(
-                "SELECT stream_arn, shard_id, sequence_number, finished FROM {TABLE} \
-                 WHERE stream_arn = (SELECT stream_arn FROM {TABLE} ORDER BY updated_at DESC LIMIT 1)"
+                "SELECT stream_arn, shard_id, sequence_number, finished FROM {table} \
+                 WHERE stream_arn = (SELECT stream_arn FROM {table} ORDER BY updated_at DESC LIMIT 1)",
+                table = self.lease.table
             ))
             .fetch_all(&mut self.conn)
             .await
-            .map_err(|e| pg::query_error(&self.target, &format!("reading {TABLE}"), e))?;
+            .map_err(|e| pg::query_error(&self.target, &format!("reading {}", self.lease.table), e))?;
             let Some(arn) = rows.first().map(|r| r.0.clone()) else { return Ok(None) };
             let mut after = HashMap::new();
             let mut finished = HashSet::new();
@@ -117,19 +109,21 @@ impl LockConn {
     pub(crate) fn save<'a>(&'a mut self, p: &'a Progress) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
             if self.current_arn.as_deref() != Some(p.stream_arn.as_str()) {
-                sqlx::query(&format!("DELETE FROM {TABLE} WHERE stream_arn <> $1"))
+                let table = self.lease.table;
+                sqlx::query(&format!("DELETE FROM {table} WHERE stream_arn <> $1"))
                     .bind(&p.stream_arn)
                     .execute(&mut self.conn)
                     .await
-                    .map_err(|e| pg::query_error(&self.target, &format!("dropping old streams from {TABLE}"), e))?;
+                    .map_err(|e| pg::query_error(&self.target, &format!("dropping old streams from {table}"), e))?;
                 self.current_arn = Some(p.stream_arn.clone());
             }
             sqlx::query(&format!(
-                "INSERT INTO {TABLE} AS c (stream_arn, shard_id, sequence_number, finished, updated_at) \
+                "INSERT INTO {table} AS c (stream_arn, shard_id, sequence_number, finished, updated_at) \
                  VALUES ($1, $2, $3, $4, now()) \
                  ON CONFLICT (stream_arn, shard_id) DO UPDATE SET \
                    sequence_number = COALESCE(EXCLUDED.sequence_number, c.sequence_number), \
-                   finished = c.finished OR EXCLUDED.finished, updated_at = now()"
+                   finished = c.finished OR EXCLUDED.finished, updated_at = now()",
+                table = self.lease.table
             ))
             .bind(&p.stream_arn)
             .bind(p.shard_id.as_str())
@@ -137,7 +131,7 @@ impl LockConn {
             .bind(p.finished)
             .execute(&mut self.conn)
             .await
-            .map_err(|e| pg::query_error(&self.target, &format!("saving a checkpoint in {TABLE}"), e))?;
+            .map_err(|e| pg::query_error(&self.target, &format!("saving a checkpoint in {}", self.lease.table), e))?;
             Ok(())
         })
     }
@@ -145,18 +139,16 @@ impl LockConn {
     /// Whether the session (and with it the lock) is still alive.
     pub(crate) fn ping(&mut self) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
-            sqlx::query("SELECT 1")
-                .execute(&mut self.conn)
-                .await
-                .map(|_| ())
-                .map_err(|e| pg::query_error(&self.target, "checking the projector lock connection", e))
+            sqlx::query("SELECT 1").execute(&mut self.conn).await.map(|_| ()).map_err(|e| {
+                pg::query_error(&self.target, &format!("checking the {} lock connection", self.lease.what), e)
+            })
         })
     }
 
     /// Gives the lock back and ends the session.
     pub(crate) fn release(mut self) -> BoxFuture<'static, ()> {
         Box::pin(async move {
-            let _ = sqlx::query("SELECT pg_advisory_unlock($1)").bind(LOCK_KEY).execute(&mut self.conn).await;
+            let _ = sqlx::query("SELECT pg_advisory_unlock($1)").bind(self.lease.key).execute(&mut self.conn).await;
             let _ = self.conn.close().await;
         })
     }
