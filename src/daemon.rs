@@ -15,6 +15,9 @@
 //! its settings come through a watch channel so that a reload can change them between ticks.
 //! With `[projector] enabled = true` the group projector ([`crate::projector`]) runs beside
 //! them: it waits for its lock and, while it holds it, tails the stream with a tailer of its own.
+//! With `[fanout] nats_url` set ([`crate::fanout`]) the cache has no tailer: a follower feeds it
+//! from JetStream, whoever holds the relay lease tails the stream for the fleet, and the
+//! projector reads JetStream too.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -287,3 +287,26 @@ fn projector_section_is_validated_key_by_key() {
     assert_eq!(c.projector.initial_position, cruddur_syncd::config::InitialPosition::Latest);
     assert_eq!(c.projector.give_up_after, Duration::from_secs(30));
 }
+
+#[test]
+fn fanout_keys_are_validated_each_naming_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let creds = dir.path().join("nats.creds");
+    std::fs::write(&creds, "not a credentials file").unwrap();
+    let text = format!(
+        "{VALID}\n[fanout]\nnats_url = \"http://nats:4222\"\nstream = \"has.dots\"\nsubject = \"a.*\"\nreplicas = 0\nmax_age = \"1s\"\nlock_check_interval = \"1ms\"\ncreds_file = \"{}\"\n",
+        creds.display()
+    );
+    let p = problems(&text, &[]);
+    assert_problem(&p, "fanout.nats_url", "nats://");
+    assert_problem(&p, "fanout.stream", "letters");
+    assert_problem(&p, "fanout.subject", "wildcards");
+    assert_problem(&p, "fanout.replicas", "between 1 and 5");
+    assert_problem(&p, "fanout.max_age", "between 1m and 7d");
+    assert_problem(&p, "fanout.lock_check_interval", "between 100ms and 10m");
+    assert_problem(&p, "fanout.creds_file", "not a NATS credentials file");
+    let good = format!("{VALID}\n[fanout]\nnats_url = \"nats://a:4222, tls://b:4222\"\n");
+    let c = load(&good, &[]).unwrap().config;
+    assert!(c.fanout.enabled());
+    assert_eq!(c.fanout.stream, "cruddur_syncd_changes");
+}
