@@ -18,7 +18,7 @@ use cruddur_syncd::{aws, check, daemon, logging, reconcile};
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
-#[command(name = "cruddur-syncd", version, about = "Cache-sync daemon and operator tools for Cruddur messaging")]
+#[command(name = "cruddur-syncd", version = cruddur_syncd::version::LONG, about = "Cache-sync daemon and operator tools for Cruddur messaging")]
 struct Cli {
     /// Config file [default: $CRUDDUR_SYNCD_CONFIG, else /etc/cruddur-syncd/config.toml]
     #[arg(long, global = true, value_name = "PATH")]

@@ -142,6 +142,7 @@ pub(crate) const PROJECTOR_SKIP_REASONS: [&str; 5] = ["not_message", "stale", "n
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct VersionLabels {
     pub version: &'static str,
+    pub revision: &'static str,
 }
 
 pub(crate) type FloatGauge = Gauge<f64, AtomicU64>;
@@ -181,6 +182,10 @@ pub struct Metrics {
     pub projector_leader: Gauge,
     pub projector_retrying: Gauge,
     pub build_info: Family<VersionLabels, Gauge>,
+    /// Requests refused by the token check, by `AuthError::reason()`.
+    pub auth_failures: Family<ReasonLabels, Counter>,
+    /// The unprefixed `process_*` series, read at each scrape.
+    process: Registry,
     hot: HotSeries,
 }
 
@@ -260,6 +265,8 @@ impl Metrics {
             projector_leader: Gauge::default(),
             projector_retrying: Gauge::default(),
             build_info: Family::default(),
+            auth_failures: Family::default(),
+            process: Registry::default(),
             registry: Registry::default(),
             hot,
         };
@@ -354,7 +361,19 @@ impl Metrics {
             m.projector_retrying.clone(),
         );
         registry.register("build_info", "Build information", m.build_info.clone());
-        m.build_info.get_or_create(&VersionLabels { version: env!("CARGO_PKG_VERSION") }).set(1);
+        m.build_info
+            .get_or_create(&VersionLabels { version: crate::version::VERSION, revision: crate::version::REVISION })
+            .set(1);
+        registry.register(
+            "auth_failures",
+            "API requests refused by the token check, by reason",
+            m.auth_failures.clone(),
+        );
+        for reason in crate::http::auth::AuthError::REASONS {
+            let _ = m.auth_failures.get_or_create(&ReasonLabels { reason });
+        }
+        let mut process = Registry::default();
+        process.register_collector(Box::new(crate::process_metrics::ProcessCollector));
         // Every known label value starts at 0, so dashboards and rate() see a series from the
         // first scrape instead of only after the first event.
         for event in [StreamEvent::INSERT, StreamEvent::MODIFY, StreamEvent::REMOVE] {
@@ -398,7 +417,12 @@ impl Metrics {
         for dependency in ["postgres", "dynamodb", "streams", "jwks"] {
             m.dependency_up.get_or_create(&DependencyLabels { dependency }).set(1);
         }
-        Metrics { registry, ..m }
+        Metrics { registry, process, ..m }
+    }
+
+    /// Counts one request refused by the token check.
+    pub(crate) fn auth_failure(&self, reason: &'static str) {
+        self.auth_failures.get_or_create(&ReasonLabels { reason }).inc();
     }
 
     /// Counts one cache lookup.
@@ -444,9 +468,12 @@ impl Metrics {
 
     /// Every family in OpenMetrics text (what prometheus-client writes).
     pub fn encode(&self) -> String {
+        use prometheus_client::encoding::text::{encode_eof, encode_registry};
         let mut out = String::new();
         // Writing to a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        let _ = encode_registry(&mut out, &self.registry);
+        let _ = encode_registry(&mut out, &self.process);
+        let _ = encode_eof(&mut out);
         out
     }
 
@@ -515,6 +542,7 @@ mod tests {
             "cruddur_syncd_stream_errors_total{kind=\"expired_iterator\"} 1",
             "cruddur_syncd_stream_resyncs_total 1",
             "cruddur_syncd_build_info{version=\"",
+            "cruddur_syncd_auth_failures_total{reason=\"expired\"} 0",
             "# TYPE cruddur_syncd_stream_iterator_age_seconds gauge",
         ] {
             assert!(text.contains(needle), "{needle} missing from\n{text}");
@@ -522,5 +550,23 @@ mod tests {
         let classic = m.encode_prometheus();
         assert!(classic.contains("# TYPE cruddur_syncd_stream_records_total counter"), "{classic}");
         assert!(!classic.contains("# EOF"));
+    }
+
+    #[test]
+    fn build_info_carries_version_and_revision_and_process_series_are_unprefixed() {
+        let text = Metrics::new().encode();
+        let expected = format!(
+            "cruddur_syncd_build_info{{version=\"{}\",revision=\"{}\"}} 1",
+            crate::version::VERSION,
+            crate::version::REVISION
+        );
+        assert!(text.contains(&expected), "{expected} missing from\n{text}");
+        assert!(!crate::version::REVISION.is_empty());
+        if cfg!(target_os = "linux") {
+            for family in ["process_cpu_seconds_total ", "process_resident_memory_bytes ", "process_open_fds "] {
+                assert!(text.lines().any(|l| l.starts_with(family)), "{family} missing from\n{text}");
+            }
+        }
+        assert!(text.ends_with("# EOF\n"), "{text}");
     }
 }

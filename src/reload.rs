@@ -50,6 +50,7 @@ struct Prepared {
 
 const LIVE: &[LiveKey] = &[
     LiveKey { key: "log.level", apply: |_, c, _| set_log_level(&c.log.level) },
+    LiveKey { key: "log.access", apply: |l, c, _| l.api.set_access_log(c.log.access) },
     LiveKey {
         key: "http.cors_allowed_origins",
         apply: |l, c, _| l.api.set_cors_allowed_origins(&c.http.cors_allowed_origins),

@@ -108,13 +108,16 @@ pub enum AuthError {
 }
 
 impl AuthError {
-    /// The RFC 6750 `error` attribute for `WWW-Authenticate: Bearer error="..."`:
-    /// `invalid_request` when the request carries no usable bearer credentials, `invalid_token`
-    /// otherwise. (Not meaningful for [`AuthError::JwksUnavailable`], which is answered 503.)
-    pub fn www_authenticate_error(&self) -> &'static str {
+    /// The RFC 6750 `error` attribute for `WWW-Authenticate: Bearer error="..."`: none when
+    /// the request sent no credentials at all (section 3.1: the client may not know that
+    /// authentication is needed, so it gets a plain `Bearer` challenge), `invalid_request` when
+    /// the Authorization header is not a usable bearer credential, `invalid_token` otherwise.
+    /// (Not meaningful for [`AuthError::JwksUnavailable`], which is answered 503.)
+    pub fn www_authenticate_error(&self) -> Option<&'static str> {
         match self {
-            AuthError::Missing | AuthError::BadScheme => "invalid_request",
-            _ => "invalid_token",
+            AuthError::Missing => None,
+            AuthError::BadScheme => Some("invalid_request"),
+            _ => Some("invalid_token"),
         }
     }
 
@@ -123,6 +126,26 @@ impl AuthError {
     pub fn is_unavailable(&self) -> bool {
         matches!(self, AuthError::JwksUnavailable { .. })
     }
+
+    /// Every value [`AuthError::reason`] returns: the `reason` label values of
+    /// `auth_failures_total`, each exported from the first scrape on.
+    pub const REASONS: [&'static str; 15] = [
+        "missing",
+        "bad_scheme",
+        "malformed",
+        "algorithm",
+        "no_kid",
+        "unknown_kid",
+        "signature",
+        "expired",
+        "not_yet_valid",
+        "issuer",
+        "token_use",
+        "client_id",
+        "audience",
+        "no_subject",
+        "jwks_unavailable",
+    ];
 
     /// A short stable name for logs and metric labels.
     pub fn reason(&self) -> &'static str {
@@ -903,10 +926,33 @@ mod tests {
     }
 
     #[test]
+    fn every_reason_is_listed() {
+        let all = [
+            AuthError::Missing,
+            AuthError::BadScheme,
+            AuthError::Malformed("x"),
+            AuthError::Algorithm,
+            AuthError::NoKid,
+            AuthError::UnknownKid,
+            AuthError::Signature,
+            AuthError::Expired,
+            AuthError::NotYetValid,
+            AuthError::Issuer,
+            AuthError::TokenUse,
+            AuthError::ClientId,
+            AuthError::Audience,
+            AuthError::NoSubject,
+            AuthError::JwksUnavailable { detail: String::new() },
+        ];
+        let reasons: Vec<&str> = all.iter().map(AuthError::reason).collect();
+        assert_eq!(reasons, AuthError::REASONS);
+    }
+
+    #[test]
     fn error_classes() {
-        assert_eq!(AuthError::Missing.www_authenticate_error(), "invalid_request");
-        assert_eq!(AuthError::BadScheme.www_authenticate_error(), "invalid_request");
-        assert_eq!(AuthError::Expired.www_authenticate_error(), "invalid_token");
+        assert_eq!(AuthError::Missing.www_authenticate_error(), None);
+        assert_eq!(AuthError::BadScheme.www_authenticate_error(), Some("invalid_request"));
+        assert_eq!(AuthError::Expired.www_authenticate_error(), Some("invalid_token"));
         assert!(AuthError::JwksUnavailable { detail: "x".into() }.is_unavailable());
         assert!(!AuthError::UnknownKid.is_unavailable());
         // The detail (URLs, causes) is for logs only.

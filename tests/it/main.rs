@@ -15,6 +15,7 @@ mod convergence;
 mod faults;
 mod fuzz_regressions;
 mod model_props;
+mod observability;
 mod projector;
 mod reconcile;
 mod service;
