@@ -181,6 +181,9 @@ pub struct Metrics {
     pub projector_lag_seconds: FloatGauge,
     pub projector_leader: Gauge,
     pub projector_retrying: Gauge,
+    /// 1 on an instance that runs the projector (`[projector] enabled`), leading or standing
+    /// by: what the "projector leaders != 1" alert is gated on.
+    pub projector_enabled: Gauge,
     pub build_info: Family<VersionLabels, Gauge>,
     /// Requests refused by the token check, by `AuthError::reason()`.
     pub auth_failures: Family<ReasonLabels, Counter>,
@@ -264,6 +267,7 @@ impl Metrics {
             projector_lag_seconds: FloatGauge::default(),
             projector_leader: Gauge::default(),
             projector_retrying: Gauge::default(),
+            projector_enabled: Gauge::default(),
             build_info: Family::default(),
             auth_failures: Family::default(),
             process: Registry::default(),
@@ -359,6 +363,11 @@ impl Metrics {
             "projector_retrying",
             "1 while the projector retries a record that failed for a transient reason (DynamoDB down, throttled, the index behind), else 0",
             m.projector_retrying.clone(),
+        );
+        registry.register(
+            "projector_enabled",
+            "1 when this instance runs the projector ([projector] enabled), leading or standing by, else 0",
+            m.projector_enabled.clone(),
         );
         registry.register("build_info", "Build information", m.build_info.clone());
         m.build_info

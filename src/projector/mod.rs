@@ -62,6 +62,7 @@ impl<S: StreamSource> Projector<S> {
     async fn run_inner(self, stop: CancellationToken) {
         let target = crate::pg::describe(&self.pg);
         tracing::info!(postgres = %target, "projector enabled; waiting for the projector lock");
+        self.metrics.projector_enabled.set(1);
         let mut last_error: Option<String> = None;
         loop {
             let attempt = tokio::select! {

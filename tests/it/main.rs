@@ -12,6 +12,7 @@ mod cache;
 mod check;
 mod config;
 mod convergence;
+mod deploy;
 mod faults;
 mod fuzz_regressions;
 mod model_props;
