@@ -34,6 +34,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet, KeyAlgorithm, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -764,28 +765,22 @@ fn max_age(cache_control: &str) -> Option<Duration> {
     })
 }
 
-/// The usable keys of a JWKS as `kid -> (n, e)`: RSA keys with a `kid`, meant for signatures
-/// (`use` absent or `sig`) with RS256 (`alg` absent or `RS256`). Others are skipped; none
-/// usable is an error.
+/// The usable keys of a JWKS document (jsonwebtoken's `JwkSet`): RSA keys with a `kid`, meant
+/// for signatures (no `use`, or `sig`) with RS256 (no `alg`, or `RS256`), each as its `(n, e)`.
 fn parse_jwks(body: &[u8]) -> Result<HashMap<String, (String, String)>, String> {
-    #[derive(Deserialize)]
-    struct Jwks {
-        keys: Vec<serde_json::Value>,
-    }
-    let jwks: Jwks = serde_json::from_slice(body).map_err(|e| format!("not a JWKS document: {e}"))?;
+    let jwks: JwkSet = serde_json::from_slice(body).map_err(|e| format!("not a JWKS document: {e}"))?;
     let mut keys = HashMap::new();
-    for k in &jwks.keys {
-        let s = |name: &str| k.get(name).and_then(|v| v.as_str());
-        let usable =
-            s("kty") == Some("RSA") && s("use").is_none_or(|u| u == "sig") && s("alg").is_none_or(|a| a == "RS256");
-        let (Some(kid), Some(n), Some(e)) = (s("kid"), s("n"), s("e")) else { continue };
-        if !usable || kid.is_empty() {
+    for jwk in &jwks.keys {
+        let (Some(kid), AlgorithmParameters::RSA(rsa)) = (&jwk.common.key_id, &jwk.algorithm) else { continue };
+        let for_signatures = jwk.common.public_key_use.as_ref().is_none_or(|u| *u == PublicKeyUse::Signature);
+        let rs256 = jwk.common.key_algorithm.is_none_or(|a| a == KeyAlgorithm::RS256);
+        if kid.is_empty() || !for_signatures || !rs256 {
             continue;
         }
         // Decoded here too, so a document whose every key is broken counts as no JWKS at all.
-        match DecodingKey::from_rsa_components(n, e) {
+        match DecodingKey::from_jwk(jwk) {
             Ok(_) => {
-                keys.insert(kid.to_owned(), (n.to_owned(), e.to_owned()));
+                keys.insert(kid.clone(), (rsa.n.clone(), rsa.e.clone()));
             }
             Err(err) => tracing::warn!(kid, "skipping a JWKS key that is not a valid RSA key: {err}"),
         }

@@ -241,7 +241,7 @@ async fn every_token_fault_is_refused_for_its_own_reason() {
     let hs256 = {
         let mut h = Header::new(Algorithm::HS256);
         h.kid = Some(MOTO_KID.into());
-        jsonwebtoken::encode(&h, &good, &EncodingKey::from_secret(moto_public.as_bytes())).unwrap()
+        jsonwebtoken::encode(&h, &good, &EncodingKey::from_secret(moto_public.as_bytes()).unwrap()).unwrap()
     };
     let tampered = {
         // moto's real signature over other claims.
