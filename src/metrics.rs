@@ -489,7 +489,12 @@ impl Metrics {
     /// Every family in the classic Prometheus text format (0.0.4), for scrapers and tools such
     /// as `promtool check metrics` that do not speak OpenMetrics.
     pub(crate) fn encode_prometheus(&self) -> String {
-        openmetrics_to_prometheus(&self.encode())
+        use prometheus_client::encoding::prometheus_text::encode;
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        let _ = encode(&mut out, &self.process);
+        out
     }
 }
 
@@ -512,27 +517,6 @@ impl HotSeries {
                 .map(|r| http_durations.get_or_create(&RouteLabels { route: r.as_str() }).clone()),
         }
     }
-}
-
-/// OpenMetrics names a counter family `x` and its sample `x_total`; the classic format names
-/// both `x_total`, and has no `# UNIT` or `# EOF` lines.
-pub(crate) fn openmetrics_to_prometheus(text: &str) -> String {
-    let counters: std::collections::HashSet<&str> =
-        text.lines().filter_map(|l| l.strip_prefix("# TYPE ")).filter_map(|l| l.strip_suffix(" counter")).collect();
-    let mut out = String::with_capacity(text.len());
-    for line in text.lines() {
-        if line == "# EOF" || line.starts_with("# UNIT ") {
-            continue;
-        }
-        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
-            let rest = line.strip_prefix(prefix)?;
-            let (name, tail) = rest.split_once(' ')?;
-            counters.contains(name).then(|| format!("{prefix}{name}_total {tail}"))
-        });
-        out.push_str(renamed.as_deref().unwrap_or(line));
-        out.push('\n');
-    }
-    out
 }
 
 #[cfg(test)]
