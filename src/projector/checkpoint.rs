@@ -23,6 +23,7 @@ pub(crate) const LOCK_KEY: i64 = 0x6372_7564_6475_7250;
 
 /// Where checkpoints live (created when missing, by the instance that holds the lock).
 pub(crate) const TABLE: &str = "cruddur_syncd_projector_checkpoint";
+// The queries below splice only TABLE into their text (sqlx 0.9 asks for AssertSqlSafe there).
 
 /// The table, for operators who create it by hand (a role without CREATE on the schema).
 pub(crate) const DDL: &str = "CREATE TABLE IF NOT EXISTS cruddur_syncd_projector_checkpoint (
@@ -91,10 +92,10 @@ impl LockConn {
     /// The saved positions of the stream checkpointed last, if any.
     pub fn load(&mut self) -> BoxFuture<'_, Result<Option<SavedPositions>>> {
         Box::pin(async move {
-            let rows: Vec<(String, String, Option<String>, bool)> = sqlx::query_as(&format!(
+            let rows: Vec<(String, String, Option<String>, bool)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
                 "SELECT stream_arn, shard_id, sequence_number, finished FROM {TABLE} \
                  WHERE stream_arn = (SELECT stream_arn FROM {TABLE} ORDER BY updated_at DESC LIMIT 1)"
-            ))
+            )))
             .fetch_all(&mut self.conn)
             .await
             .map_err(|e| pg::query_error(&self.target, &format!("reading {TABLE}"), e))?;
@@ -117,20 +118,20 @@ impl LockConn {
     pub(crate) fn save<'a>(&'a mut self, p: &'a Progress) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
             if self.current_arn.as_deref() != Some(p.stream_arn.as_str()) {
-                sqlx::query(&format!("DELETE FROM {TABLE} WHERE stream_arn <> $1"))
+                sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM {TABLE} WHERE stream_arn <> $1")))
                     .bind(&p.stream_arn)
                     .execute(&mut self.conn)
                     .await
                     .map_err(|e| pg::query_error(&self.target, &format!("dropping old streams from {TABLE}"), e))?;
                 self.current_arn = Some(p.stream_arn.clone());
             }
-            sqlx::query(&format!(
+            sqlx::query(sqlx::AssertSqlSafe(format!(
                 "INSERT INTO {TABLE} AS c (stream_arn, shard_id, sequence_number, finished, updated_at) \
                  VALUES ($1, $2, $3, $4, now()) \
                  ON CONFLICT (stream_arn, shard_id) DO UPDATE SET \
                    sequence_number = COALESCE(EXCLUDED.sequence_number, c.sequence_number), \
                    finished = c.finished OR EXCLUDED.finished, updated_at = now()"
-            ))
+            )))
             .bind(&p.stream_arn)
             .bind(p.shard_id.as_str())
             .bind(&p.last_sequence_number)

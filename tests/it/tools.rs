@@ -224,7 +224,10 @@ async fn db_schema_load_creates_a_missing_database() {
     assert_eq!(n, 0);
     pool.close().await;
     let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(support::PG_ADMIN_URL).await.unwrap();
-    sqlx::raw_sql(&format!("DROP DATABASE \"{name}\" WITH (FORCE)")).execute(&mut admin).await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE \"{name}\" WITH (FORCE)")))
+        .execute(&mut admin)
+        .await
+        .unwrap();
     env.db.drop_db().await;
 }
 
