@@ -113,3 +113,27 @@ async fn access_log_one_line_per_request_with_its_id() {
     daemon.signal("-TERM");
     let _ = daemon.child.wait();
 }
+
+#[test]
+fn completions_and_man_page_need_no_config() {
+    let run = |args: &[&str]| {
+        let out =
+            support::bin().args(args).env("CRUDDUR_SYNCD_CONFIG", "/nonexistent/cruddur-syncd.toml").output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let bash = run(&["completions", "bash"]);
+    assert!(bash.contains("cruddur-syncd") && bash.contains("list-conversations"), "{bash}");
+    assert!(
+        bash.lines().any(|l| l.trim_start().starts_with("complete -F ") && l.ends_with(" cruddur-syncd")),
+        "{bash}"
+    );
+    let zsh = run(&["completions", "zsh"]);
+    assert!(zsh.starts_with("#compdef cruddur-syncd"), "{zsh}");
+    let man = run(&["man"]);
+    assert!(man.contains(".TH cruddur-syncd"), "{man}");
+    assert!(man.contains("reconcile") && man.contains("completions"), "{man}");
+    // An unknown shell is a usage error (2), as every bad argument.
+    let out = support::bin().args(["completions", "tcsh"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
