@@ -44,13 +44,16 @@ async fn main() {
         std::process::exit(1);
     });
     let name = format!("syncd_bench_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-    sqlx::raw_sql(&format!(r#"CREATE DATABASE "{name}""#)).execute(&mut admin).await.expect("creating the database");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(r#"CREATE DATABASE "{name}""#)))
+        .execute(&mut admin)
+        .await
+        .expect("creating the database");
     let opts = PgConnectOptions::from_str(&admin_url).unwrap().database(&name);
     let target = cruddur_syncd::pg::describe(&opts);
 
     let result = bench(&opts, &target, users, sample).await;
 
-    sqlx::raw_sql(&format!(r#"DROP DATABASE IF EXISTS "{name}" WITH (FORCE)"#))
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(r#"DROP DATABASE IF EXISTS "{name}" WITH (FORCE)"#)))
         .execute(&mut admin)
         .await
         .expect("dropping the database");

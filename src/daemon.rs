@@ -192,6 +192,7 @@ pub async fn start(loaded: &LoadedConfig) -> Result<Running> {
     let auth = Arc::new(AuthSlot::new(auth));
     let api_state =
         Arc::new(ApiState::new(cache.clone(), auth.clone(), metrics.clone(), &cfg.http.cors_allowed_origins));
+    api_state.set_access_log(cfg.log.access);
     let api = http::api::router(api_state.clone(), &ApiOptions { request_timeout: cfg.http.request_timeout });
     let api_heartbeat = Arc::new(Heartbeat::new());
     api_task.spawn(http::serve_with_heartbeat(
@@ -271,7 +272,7 @@ impl Running {
 }
 
 pub async fn run(loaded: LoadedConfig) -> Result<()> {
-    tracing::info!(config = %loaded.path.display(), "cruddur-syncd {} starting", env!("CARGO_PKG_VERSION"));
+    tracing::info!(config = %loaded.path.display(), "cruddur-syncd {} starting", crate::version::LONG);
     for e in loaded.effective() {
         tracing::debug!(key = %e.key, value = %e.value, source = %e.source, "effective config");
     }

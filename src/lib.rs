@@ -43,6 +43,7 @@ pub mod logging;
 pub mod metrics;
 pub mod model;
 pub mod pg;
+pub(crate) mod process_metrics;
 pub mod projector;
 pub mod reconcile;
 pub mod reload;
@@ -51,5 +52,6 @@ pub mod store;
 pub mod stream;
 pub(crate) mod systemd;
 pub mod tools;
+pub mod version;
 
 pub use error::{Error, Result};

@@ -39,7 +39,11 @@ pub fn init(cfg: &LogConfig) -> Option<String> {
     let mut note = None;
     let layer: Box<dyn Layer<Filtered> + Send + Sync> = match cfg.format {
         LogFormat::Text => text_layer(),
-        LogFormat::Json => Box::new(tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr)),
+        // flatten_event: an event's fields sit at the top level of its JSON object (beside
+        // `timestamp`, `level`, `target`), where log pipelines index them, not under `fields`.
+        LogFormat::Json => {
+            Box::new(tracing_subscriber::fmt::layer().json().flatten_event(true).with_writer(std::io::stderr))
+        }
         LogFormat::Journald => match tracing_journald::layer() {
             Ok(l) => Box::new(l),
             Err(e) => {

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use chrono::{DateTime, Utc};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 use cruddur_syncd::config::{self, LoadedConfig};
 use cruddur_syncd::error::{Error, EXIT_CONFIG, EXIT_FAILURE, EXIT_UNAVAILABLE};
@@ -18,7 +18,7 @@ use cruddur_syncd::{aws, check, daemon, logging, reconcile};
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
-#[command(name = "cruddur-syncd", version, about = "Cache-sync daemon and operator tools for Cruddur messaging")]
+#[command(name = "cruddur-syncd", version = cruddur_syncd::version::LONG, about = "Cache-sync daemon and operator tools for Cruddur messaging")]
 struct Cli {
     /// Config file [default: $CRUDDUR_SYNCD_CONFIG, else /etc/cruddur-syncd/config.toml]
     #[arg(long, global = true, value_name = "PATH")]
@@ -51,6 +51,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print shell completions (reads no config)
+    Completions {
+        /// bash, zsh, fish, elvish or powershell
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page, roff (reads no config)
+    Man,
 }
 
 #[derive(Subcommand)]
@@ -119,6 +126,24 @@ fn parse_rfc3339(s: &str) -> Result<DateTime<Utc>, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // What describes the command line itself needs no config.
+    match &cli.command {
+        Some(Command::Completions { shell }) => {
+            clap_complete::generate(*shell, &mut Cli::command(), "cruddur-syncd", &mut std::io::stdout());
+            return ExitCode::SUCCESS;
+        }
+        Some(Command::Man) => {
+            return match clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("cruddur-syncd: cannot write the man page: {e}");
+                    ExitCode::from(EXIT_FAILURE)
+                }
+            };
+        }
+        _ => {}
+    }
     let path = config::resolve_path(cli.config.as_deref());
     let loaded = match config::load(&path) {
         Ok(l) => l,
@@ -158,6 +183,8 @@ async fn dispatch(command: Command, loaded: LoadedConfig) -> Result<u8, Error> {
     let store = || Store::new(clients.dynamodb.clone(), cfg.dynamodb.table.clone(), clients.endpoints.dynamodb.clone());
     let cognito_ep = clients.endpoints.cognito.as_str();
     match command {
+        // Answered in main, before any config is read.
+        Command::Completions { .. } | Command::Man => return Ok(0),
         Command::Run => {
             drop(out);
             daemon::run(loaded).await?;

@@ -142,6 +142,7 @@ pub(crate) const PROJECTOR_SKIP_REASONS: [&str; 5] = ["not_message", "stale", "n
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct VersionLabels {
     pub version: &'static str,
+    pub revision: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -195,7 +196,14 @@ pub struct Metrics {
     pub fanout_received: Counter,
     pub fanout_lag_seconds: FloatGauge,
     pub fanout_gaps: Family<ReasonLabels, Counter>,
+    /// 1 on an instance that runs the projector (`[projector] enabled`), leading or standing
+    /// by: what the "projector leaders != 1" alert is gated on.
+    pub projector_enabled: Gauge,
     pub build_info: Family<VersionLabels, Gauge>,
+    /// Requests refused by the token check, by `AuthError::reason()`.
+    pub auth_failures: Family<ReasonLabels, Counter>,
+    /// The unprefixed `process_*` series, read at each scrape.
+    process: Registry,
     hot: HotSeries,
 }
 
@@ -280,7 +288,10 @@ impl Metrics {
             fanout_received: Counter::default(),
             fanout_lag_seconds: FloatGauge::default(),
             fanout_gaps: Family::default(),
+            projector_enabled: Gauge::default(),
             build_info: Family::default(),
+            auth_failures: Family::default(),
+            process: Registry::default(),
             registry: Registry::default(),
             hot,
         };
@@ -400,8 +411,24 @@ impl Metrics {
             m.fanout_lag_seconds.clone(),
         );
         registry.register("fanout_gaps", "Follower cache flushes, by reason", m.fanout_gaps.clone());
+            "projector_enabled",
+            "1 when this instance runs the projector ([projector] enabled), leading or standing by, else 0",
+            m.projector_enabled.clone(),
+        );
         registry.register("build_info", "Build information", m.build_info.clone());
-        m.build_info.get_or_create(&VersionLabels { version: env!("CARGO_PKG_VERSION") }).set(1);
+        m.build_info
+            .get_or_create(&VersionLabels { version: crate::version::VERSION, revision: crate::version::REVISION })
+            .set(1);
+        registry.register(
+            "auth_failures",
+            "API requests refused by the token check, by reason",
+            m.auth_failures.clone(),
+        );
+        for reason in crate::http::auth::AuthError::REASONS {
+            let _ = m.auth_failures.get_or_create(&ReasonLabels { reason });
+        }
+        let mut process = Registry::default();
+        process.register_collector(Box::new(crate::process_metrics::ProcessCollector));
         // Every known label value starts at 0, so dashboards and rate() see a series from the
         // first scrape instead of only after the first event.
         for event in [StreamEvent::INSERT, StreamEvent::MODIFY, StreamEvent::REMOVE] {
@@ -448,7 +475,12 @@ impl Metrics {
         for dependency in ["postgres", "dynamodb", "streams", "jwks"] {
             m.dependency_up.get_or_create(&DependencyLabels { dependency }).set(1);
         }
-        Metrics { registry, ..m }
+        Metrics { registry, process, ..m }
+    }
+
+    /// Counts one request refused by the token check.
+    pub(crate) fn auth_failure(&self, reason: &'static str) {
+        self.auth_failures.get_or_create(&ReasonLabels { reason }).inc();
     }
 
     /// Counts one cache lookup.
@@ -494,16 +526,24 @@ impl Metrics {
 
     /// Every family in OpenMetrics text (what prometheus-client writes).
     pub fn encode(&self) -> String {
+        use prometheus_client::encoding::text::{encode_eof, encode_registry};
         let mut out = String::new();
         // Writing to a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        let _ = encode_registry(&mut out, &self.registry);
+        let _ = encode_registry(&mut out, &self.process);
+        let _ = encode_eof(&mut out);
         out
     }
 
     /// Every family in the classic Prometheus text format (0.0.4), for scrapers and tools such
     /// as `promtool check metrics` that do not speak OpenMetrics.
     pub(crate) fn encode_prometheus(&self) -> String {
-        openmetrics_to_prometheus(&self.encode())
+        use prometheus_client::encoding::prometheus_text::encode;
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        let _ = encode(&mut out, &self.process);
+        out
     }
 }
 
@@ -528,27 +568,6 @@ impl HotSeries {
     }
 }
 
-/// OpenMetrics names a counter family `x` and its sample `x_total`; the classic format names
-/// both `x_total`, and has no `# UNIT` or `# EOF` lines.
-pub(crate) fn openmetrics_to_prometheus(text: &str) -> String {
-    let counters: std::collections::HashSet<&str> =
-        text.lines().filter_map(|l| l.strip_prefix("# TYPE ")).filter_map(|l| l.strip_suffix(" counter")).collect();
-    let mut out = String::with_capacity(text.len());
-    for line in text.lines() {
-        if line == "# EOF" || line.starts_with("# UNIT ") {
-            continue;
-        }
-        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
-            let rest = line.strip_prefix(prefix)?;
-            let (name, tail) = rest.split_once(' ')?;
-            counters.contains(name).then(|| format!("{prefix}{name}_total {tail}"))
-        });
-        out.push_str(renamed.as_deref().unwrap_or(line));
-        out.push('\n');
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -565,6 +584,7 @@ mod tests {
             "cruddur_syncd_stream_errors_total{kind=\"expired_iterator\"} 1",
             "cruddur_syncd_stream_resyncs_total 1",
             "cruddur_syncd_build_info{version=\"",
+            "cruddur_syncd_auth_failures_total{reason=\"expired\"} 0",
             "# TYPE cruddur_syncd_stream_iterator_age_seconds gauge",
         ] {
             assert!(text.contains(needle), "{needle} missing from\n{text}");
@@ -572,5 +592,23 @@ mod tests {
         let classic = m.encode_prometheus();
         assert!(classic.contains("# TYPE cruddur_syncd_stream_records_total counter"), "{classic}");
         assert!(!classic.contains("# EOF"));
+    }
+
+    #[test]
+    fn build_info_carries_version_and_revision_and_process_series_are_unprefixed() {
+        let text = Metrics::new().encode();
+        let expected = format!(
+            "cruddur_syncd_build_info{{version=\"{}\",revision=\"{}\"}} 1",
+            crate::version::VERSION,
+            crate::version::REVISION
+        );
+        assert!(text.contains(&expected), "{expected} missing from\n{text}");
+        assert!(!crate::version::REVISION.is_empty());
+        if cfg!(target_os = "linux") {
+            for family in ["process_cpu_seconds_total ", "process_resident_memory_bytes ", "process_open_fds "] {
+                assert!(text.lines().any(|l| l.starts_with(family)), "{family} missing from\n{text}");
+            }
+        }
+        assert!(text.ends_with("# EOF\n"), "{text}");
     }
 }

@@ -541,7 +541,8 @@ async fn apply_inner(
                      ELSE value END AS name
          FROM matched"
     );
-    sqlx::query(&classify)
+    // Only the match column varies, and it is one of a closed set ("handle" or "email").
+    sqlx::query(sqlx::AssertSqlSafe(classify))
         .execute(&mut *tx)
         .await
         .map_err(|e| pg::query_error(target, "matching Cognito users to public.users", e))?;

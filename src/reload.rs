@@ -16,8 +16,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use notify::event::{AccessKind, AccessMode};
-use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
+use notify::event::EventKindMask;
+use notify::{RecommendedWatcher, RecursiveMode, Watcher};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -50,6 +50,7 @@ struct Prepared {
 
 const LIVE: &[LiveKey] = &[
     LiveKey { key: "log.level", apply: |_, c, _| set_log_level(&c.log.level) },
+    LiveKey { key: "log.access", apply: |l, c, _| l.api.set_access_log(c.log.access) },
     LiveKey {
         key: "http.cors_allowed_origins",
         apply: |l, c, _| l.api.set_cors_allowed_origins(&c.http.cors_allowed_origins),
@@ -306,11 +307,6 @@ fn watch_file(path: &Path, tx: mpsc::UnboundedSender<()>) -> Option<RecommendedW
     let name = path.file_name()?.to_os_string();
     let handler = move |res: notify::Result<notify::Event>| match res {
         Ok(event) => {
-            // Reading the file (the reload itself does) raises open and close events; only a
-            // change counts, or the reload would wake itself forever.
-            if matches!(event.kind, EventKind::Access(kind) if kind != AccessKind::Close(AccessMode::Write)) {
-                return;
-            }
             // The file itself, or Kubernetes' `..data` symlink swap of a mounted ConfigMap.
             let ours = event.paths.iter().any(|p| {
                 p.file_name().is_some_and(|n| n == name.as_os_str() || n.to_string_lossy().starts_with("..data"))
@@ -321,7 +317,10 @@ fn watch_file(path: &Path, tx: mpsc::UnboundedSender<()>) -> Option<RecommendedW
         }
         Err(e) => tracing::warn!(error = %e, "watching the config file failed"),
     };
-    let mut watcher = match notify::recommended_watcher(handler) {
+    // Changes only: reading the file (the reload itself does) raises open and close-nowrite
+    // events, which would wake the reload forever; a close after writing is a change.
+    let kinds = EventKindMask::CORE | EventKindMask::ACCESS_CLOSE;
+    let mut watcher = match RecommendedWatcher::new(handler, notify::Config::default().with_event_kinds(kinds)) {
         Ok(w) => w,
         Err(e) => {
             tracing::warn!(error = %e, "cannot watch the config file; reload with SIGHUP");

@@ -21,22 +21,16 @@ pub const STATUS_INTERVAL: Duration = Duration::from_secs(5);
 static READY_SENT: AtomicBool = AtomicBool::new(false);
 
 fn send(states: &[NotifyState]) {
-    if let Err(e) = sd_notify::notify(false, states) {
+    if let Err(e) = sd_notify::notify(states) {
         tracing::debug!(error = %e, "sd_notify failed");
     }
 }
 
-/// The watchdog interval systemd asked for (`WATCHDOG_USEC`), if any. Like libsystemd's
-/// `sd_watchdog_enabled`, `WATCHDOG_PID` only has to match when it is set (sd-notify 0.4
-/// requires it, which a supervisor that sets only `WATCHDOG_USEC` would silently defeat).
+/// The watchdog interval systemd asked for (`WATCHDOG_USEC`), if any: sd-notify's
+/// `watchdog_enabled`, which like libsystemd's `sd_watchdog_enabled` wants `WATCHDOG_PID` to
+/// match only when it is set. A zero interval means no watchdog.
 pub fn watchdog_timeout() -> Option<Duration> {
-    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.trim().parse().ok()?;
-    if let Ok(pid) = std::env::var("WATCHDOG_PID") {
-        if pid.trim().parse::<u32>().ok()? != std::process::id() {
-            return None;
-        }
-    }
-    (usec > 0).then(|| Duration::from_micros(usec))
+    sd_notify::watchdog_enabled().filter(|d| !d.is_zero())
 }
 
 /// Waits until the tailer is positioned (or `stop`), then sends `READY=1` with a status, and

@@ -579,11 +579,14 @@ pub enum LogFormat {
 pub struct LogConfig {
     pub level: String,
     pub format: LogFormat,
+    /// One line per API request (method, path, route, status, duration, request id), at
+    /// `info` under the target `cruddur_syncd::access`.
+    pub access: bool,
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
-        Self { level: "info".into(), format: LogFormat::Text }
+        Self { level: "info".into(), format: LogFormat::Text, access: false }
     }
 }
 

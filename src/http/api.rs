@@ -6,6 +6,7 @@
 //! not exist, so its existence is not revealed.
 
 use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -23,7 +24,7 @@ use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::TimeoutLayer;
 
 use super::auth::AuthSlot;
-use super::error::{bodyless_errors_as_json, ApiError};
+use super::error::{finish, ApiError, X_REQUEST_ID};
 use super::{cursor, flask_json};
 use crate::cache::Cache;
 use crate::metrics::{ApiRoute, Metrics};
@@ -45,6 +46,8 @@ pub struct ApiState {
     /// The CORS policy of `http.cors_allowed_origins`, consulted per request so that a reload
     /// applies to the next request (`None`: no CORS headers at all).
     cors: RwLock<Option<CorsLayer>>,
+    /// `log.access`: one log line per request (live).
+    access_log: AtomicBool,
 }
 
 impl ApiState {
@@ -54,7 +57,18 @@ impl ApiState {
         metrics: Arc<Metrics>,
         cors_allowed_origins: &[String],
     ) -> Self {
-        ApiState { cache, auth, metrics, cors: RwLock::new(cors_layer(cors_allowed_origins)) }
+        ApiState {
+            cache,
+            auth,
+            metrics,
+            cors: RwLock::new(cors_layer(cors_allowed_origins)),
+            access_log: AtomicBool::new(false),
+        }
+    }
+
+    /// Turns the access log (`log.access`) on or off from the next request on.
+    pub(crate) fn set_access_log(&self, on: bool) {
+        self.access_log.store(on, Ordering::Relaxed);
     }
 
     /// Replaces the CORS policy; the next request sees the new one.
@@ -85,8 +99,8 @@ pub(crate) fn router(state: Arc<ApiState>, opts: &ApiOptions) -> Router {
 /// Everything the API does around a route, in one layer rather than one per concern (each
 /// `from_fn` costs a boxed future and a service clone per request, measurable on a cached
 /// request; README "Benchmarks"): tower-http's CORS logic with the policy in force at this request, the
-/// request metrics by route (the matched template, never the raw path), and a JSON body for the
-/// errors the stack below raises without one.
+/// request metrics by route (the matched template, never the raw path), the request id, the
+/// JSON body of every error (with that id), and the access log line.
 async fn edge(State(state): State<Arc<ApiState>>, req: Request, next: Next) -> Response {
     let route = match req.extensions().get::<MatchedPath>().map(MatchedPath::as_str) {
         Some(GROUPS_ROUTE) => ApiRoute::MessageGroups,
@@ -94,6 +108,8 @@ async fn edge(State(state): State<Arc<ApiState>>, req: Request, next: Next) -> R
         _ => ApiRoute::Other,
     };
     let started = Instant::now();
+    let request_id = request_id(req.headers());
+    let access = state.access_log.load(Ordering::Relaxed).then(|| (req.method().clone(), req.uri().path().to_owned()));
     // CORS only concerns browsers, which always send Origin; API clients and probes skip the
     // policy (and its per-request clone) altogether.
     let cors = match req.headers().contains_key(header::ORIGIN) {
@@ -107,8 +123,42 @@ async fn edge(State(state): State<Arc<ApiState>>, req: Request, next: Next) -> R
             Err(never) => match never {},
         },
     };
-    state.metrics.http_request(route, res.status().as_u16(), started.elapsed().as_secs_f64());
-    bodyless_errors_as_json(res)
+    let mut res = res;
+    let elapsed = started.elapsed();
+    state.metrics.http_request(route, res.status().as_u16(), elapsed.as_secs_f64());
+    let auth_failure = finish(&mut res, &request_id);
+    if let Some((method, path)) = access {
+        tracing::info!(
+            target: "cruddur_syncd::access",
+            %method,
+            %path,
+            route = route.as_str(),
+            status = res.status().as_u16(),
+            duration_ms = elapsed.as_secs_f64() * 1000.0,
+            request_id = request_id.to_str().unwrap_or_default(),
+            auth_failure,
+            "request"
+        );
+    }
+    res
+}
+
+/// The request's id: the caller's `x-request-id` when it sent a sane one (1 to 64 of
+/// `A-Z a-z 0-9 - _ . :`, as a proxy in front would), else a fresh random one.
+fn request_id(headers: &HeaderMap) -> HeaderValue {
+    if let Some(v) = headers.get(X_REQUEST_ID) {
+        let b = v.as_bytes();
+        if (1..=64).contains(&b.len()) && b.iter().all(|c| c.is_ascii_alphanumeric() || b"-_.:".contains(c)) {
+            return v.clone();
+        }
+    }
+    let mut buf = [0u8; 16];
+    let n: u64 = rand::random();
+    for (i, b) in buf.iter_mut().enumerate() {
+        *b = b"0123456789abcdef"[((n >> (60 - 4 * i)) & 0xf) as usize];
+    }
+    // 16 hex digits are always a valid header value.
+    HeaderValue::from_bytes(&buf).unwrap_or_else(|_| HeaderValue::from_static("0"))
 }
 
 fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
@@ -161,15 +211,18 @@ fn params(uri: &Uri) -> Result<(usize, Option<String>), ApiError> {
 /// The caller's `users.uuid`, from the token, and how stale the mapping was when it came from
 /// an entry served past its TTL.
 async fn caller(state: &ApiState, headers: &HeaderMap) -> Result<(UserUuid, Option<Duration>), ApiError> {
+    let refused = |e: super::auth::AuthError| {
+        state.metrics.auth_failure(e.reason());
+        tracing::debug!(reason = e.reason(), "token refused: {e}");
+        ApiError::from(e)
+    };
     let header = match headers.get(header::AUTHORIZATION) {
         None => None,
         // UTF-8 rather than `to_str`'s visible-ASCII pass over the whole token: the token's
         // own character check (on a cache miss) is stricter than both.
-        Some(v) => {
-            Some(std::str::from_utf8(v.as_bytes()).map_err(|_| ApiError::from(super::auth::AuthError::BadScheme))?)
-        }
+        Some(v) => Some(std::str::from_utf8(v.as_bytes()).map_err(|_| refused(super::auth::AuthError::BadScheme))?),
     };
-    let verified = state.auth.current().verify(header).await?;
+    let verified = state.auth.current().verify(header).await.map_err(refused)?;
     let served = state.cache.user(&verified.sub).await?;
     match *served.value {
         Some(user) => Ok((user, served.stale_age)),
@@ -287,7 +340,9 @@ fn respond(headers: &HeaderMap, page: &Rendered, stale_age: Option<Duration>) ->
         r
     };
     let h = res.headers_mut();
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("private, no-store"));
+    // Kept, but revalidated every time (If-None-Match -> 304): no-store would stop a browser
+    // from ever revalidating the ETag.
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("private, no-cache"));
     h.insert(header::ETAG, page.etag.clone());
     if let Some(link) = &page.link {
         h.insert(header::LINK, link.clone());

@@ -34,6 +34,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet, KeyAlgorithm, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -108,13 +109,16 @@ pub enum AuthError {
 }
 
 impl AuthError {
-    /// The RFC 6750 `error` attribute for `WWW-Authenticate: Bearer error="..."`:
-    /// `invalid_request` when the request carries no usable bearer credentials, `invalid_token`
-    /// otherwise. (Not meaningful for [`AuthError::JwksUnavailable`], which is answered 503.)
-    pub fn www_authenticate_error(&self) -> &'static str {
+    /// The RFC 6750 `error` attribute for `WWW-Authenticate: Bearer error="..."`: none when
+    /// the request sent no credentials at all (section 3.1: the client may not know that
+    /// authentication is needed, so it gets a plain `Bearer` challenge), `invalid_request` when
+    /// the Authorization header is not a usable bearer credential, `invalid_token` otherwise.
+    /// (Not meaningful for [`AuthError::JwksUnavailable`], which is answered 503.)
+    pub fn www_authenticate_error(&self) -> Option<&'static str> {
         match self {
-            AuthError::Missing | AuthError::BadScheme => "invalid_request",
-            _ => "invalid_token",
+            AuthError::Missing => None,
+            AuthError::BadScheme => Some("invalid_request"),
+            _ => Some("invalid_token"),
         }
     }
 
@@ -123,6 +127,26 @@ impl AuthError {
     pub fn is_unavailable(&self) -> bool {
         matches!(self, AuthError::JwksUnavailable { .. })
     }
+
+    /// Every value [`AuthError::reason`] returns: the `reason` label values of
+    /// `auth_failures_total`, each exported from the first scrape on.
+    pub const REASONS: [&'static str; 15] = [
+        "missing",
+        "bad_scheme",
+        "malformed",
+        "algorithm",
+        "no_kid",
+        "unknown_kid",
+        "signature",
+        "expired",
+        "not_yet_valid",
+        "issuer",
+        "token_use",
+        "client_id",
+        "audience",
+        "no_subject",
+        "jwks_unavailable",
+    ];
 
     /// A short stable name for logs and metric labels.
     pub fn reason(&self) -> &'static str {
@@ -741,28 +765,22 @@ fn max_age(cache_control: &str) -> Option<Duration> {
     })
 }
 
-/// The usable keys of a JWKS as `kid -> (n, e)`: RSA keys with a `kid`, meant for signatures
-/// (`use` absent or `sig`) with RS256 (`alg` absent or `RS256`). Others are skipped; none
-/// usable is an error.
+/// The usable keys of a JWKS document (jsonwebtoken's `JwkSet`): RSA keys with a `kid`, meant
+/// for signatures (no `use`, or `sig`) with RS256 (no `alg`, or `RS256`), each as its `(n, e)`.
 fn parse_jwks(body: &[u8]) -> Result<HashMap<String, (String, String)>, String> {
-    #[derive(Deserialize)]
-    struct Jwks {
-        keys: Vec<serde_json::Value>,
-    }
-    let jwks: Jwks = serde_json::from_slice(body).map_err(|e| format!("not a JWKS document: {e}"))?;
+    let jwks: JwkSet = serde_json::from_slice(body).map_err(|e| format!("not a JWKS document: {e}"))?;
     let mut keys = HashMap::new();
-    for k in &jwks.keys {
-        let s = |name: &str| k.get(name).and_then(|v| v.as_str());
-        let usable =
-            s("kty") == Some("RSA") && s("use").is_none_or(|u| u == "sig") && s("alg").is_none_or(|a| a == "RS256");
-        let (Some(kid), Some(n), Some(e)) = (s("kid"), s("n"), s("e")) else { continue };
-        if !usable || kid.is_empty() {
+    for jwk in &jwks.keys {
+        let (Some(kid), AlgorithmParameters::RSA(rsa)) = (&jwk.common.key_id, &jwk.algorithm) else { continue };
+        let for_signatures = jwk.common.public_key_use.as_ref().is_none_or(|u| *u == PublicKeyUse::Signature);
+        let rs256 = jwk.common.key_algorithm.is_none_or(|a| a == KeyAlgorithm::RS256);
+        if kid.is_empty() || !for_signatures || !rs256 {
             continue;
         }
         // Decoded here too, so a document whose every key is broken counts as no JWKS at all.
-        match DecodingKey::from_rsa_components(n, e) {
+        match DecodingKey::from_jwk(jwk) {
             Ok(_) => {
-                keys.insert(kid.to_owned(), (n.to_owned(), e.to_owned()));
+                keys.insert(kid.clone(), (rsa.n.clone(), rsa.e.clone()));
             }
             Err(err) => tracing::warn!(kid, "skipping a JWKS key that is not a valid RSA key: {err}"),
         }
@@ -903,10 +921,33 @@ mod tests {
     }
 
     #[test]
+    fn every_reason_is_listed() {
+        let all = [
+            AuthError::Missing,
+            AuthError::BadScheme,
+            AuthError::Malformed("x"),
+            AuthError::Algorithm,
+            AuthError::NoKid,
+            AuthError::UnknownKid,
+            AuthError::Signature,
+            AuthError::Expired,
+            AuthError::NotYetValid,
+            AuthError::Issuer,
+            AuthError::TokenUse,
+            AuthError::ClientId,
+            AuthError::Audience,
+            AuthError::NoSubject,
+            AuthError::JwksUnavailable { detail: String::new() },
+        ];
+        let reasons: Vec<&str> = all.iter().map(AuthError::reason).collect();
+        assert_eq!(reasons, AuthError::REASONS);
+    }
+
+    #[test]
     fn error_classes() {
-        assert_eq!(AuthError::Missing.www_authenticate_error(), "invalid_request");
-        assert_eq!(AuthError::BadScheme.www_authenticate_error(), "invalid_request");
-        assert_eq!(AuthError::Expired.www_authenticate_error(), "invalid_token");
+        assert_eq!(AuthError::Missing.www_authenticate_error(), None);
+        assert_eq!(AuthError::BadScheme.www_authenticate_error(), Some("invalid_request"));
+        assert_eq!(AuthError::Expired.www_authenticate_error(), Some("invalid_token"));
         assert!(AuthError::JwksUnavailable { detail: "x".into() }.is_unavailable());
         assert!(!AuthError::UnknownKid.is_unavailable());
         // The detail (URLs, causes) is for logs only.

@@ -66,7 +66,7 @@ impl LockConn {
     pub(crate) fn ensure_table(&mut self) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
             let ddl = self.lease.ddl();
-            sqlx::query(&ddl).execute(&mut self.conn).await.map_err(|e| {
+            sqlx::query(sqlx::AssertSqlSafe(ddl.clone())).execute(&mut self.conn).await.map_err(|e| {
                 let base = pg::query_error(&self.target, &format!("creating table {}", self.lease.table), e);
                 match base {
                     Error::Failed(m) => {
@@ -82,11 +82,11 @@ impl LockConn {
     /// The saved positions of the stream checkpointed last, if any.
     pub fn load(&mut self) -> BoxFuture<'_, Result<Option<SavedPositions>>> {
         Box::pin(async move {
-            let rows: Vec<(String, String, Option<String>, bool)> = sqlx::query_as(&format!(
+            let rows: Vec<(String, String, Option<String>, bool)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
                 "SELECT stream_arn, shard_id, sequence_number, finished FROM {table} \
                  WHERE stream_arn = (SELECT stream_arn FROM {table} ORDER BY updated_at DESC LIMIT 1)",
                 table = self.lease.table
-            ))
+            )))
             .fetch_all(&mut self.conn)
             .await
             .map_err(|e| pg::query_error(&self.target, &format!("reading {}", self.lease.table), e))?;
@@ -110,21 +110,21 @@ impl LockConn {
         Box::pin(async move {
             if self.current_arn.as_deref() != Some(p.stream_arn.as_str()) {
                 let table = self.lease.table;
-                sqlx::query(&format!("DELETE FROM {table} WHERE stream_arn <> $1"))
+                sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM {table} WHERE stream_arn <> $1")))
                     .bind(&p.stream_arn)
                     .execute(&mut self.conn)
                     .await
                     .map_err(|e| pg::query_error(&self.target, &format!("dropping old streams from {table}"), e))?;
                 self.current_arn = Some(p.stream_arn.clone());
             }
-            sqlx::query(&format!(
+            sqlx::query(sqlx::AssertSqlSafe(format!(
                 "INSERT INTO {table} AS c (stream_arn, shard_id, sequence_number, finished, updated_at) \
                  VALUES ($1, $2, $3, $4, now()) \
                  ON CONFLICT (stream_arn, shard_id) DO UPDATE SET \
                    sequence_number = COALESCE(EXCLUDED.sequence_number, c.sequence_number), \
                    finished = c.finished OR EXCLUDED.finished, updated_at = now()",
                 table = self.lease.table
-            ))
+            )))
             .bind(&p.stream_arn)
             .bind(p.shard_id.as_str())
             .bind(&p.last_sequence_number)

@@ -66,6 +66,7 @@ impl<S: StreamSource> Projector<S> {
     }
 
     async fn run_inner(self, stop: CancellationToken) {
+        self.metrics.projector_enabled.set(1);
         let contest = self.contest();
         lease::compete(&lease::PROJECTOR, contest, stop.clone(), |lock| boxed(self.lead(lock, &stop))).await;
     }

@@ -61,7 +61,8 @@ async fn json_is_byte_for_byte_what_flask_sends_for_the_demo_data() {
     let res = app.get("/api/message_groups", &a.access_token).await;
     assert_eq!(res.status(), 200);
     assert_eq!(res.headers()["content-type"], "application/json");
-    assert_eq!(res.headers()["cache-control"], "private, no-store");
+    // Kept but always revalidated: no-store would stop browsers from ever sending If-None-Match.
+    assert_eq!(res.headers()["cache-control"], "private, no-cache");
     let body = res.bytes().await.unwrap();
     let truth = app.truth_groups(a.uuid).await;
     assert_eq!(truth.len(), 1);
@@ -191,7 +192,13 @@ async fn authorization_every_fault_and_never_dynamodb() {
     assert_eq!(res.status(), 404);
     let missing = app.get(&format!("/api/messages/{}", Uuid::new_v4()), &c.access_token).await;
     assert_eq!(missing.status(), 404);
-    assert_eq!(res.text().await.unwrap(), missing.text().await.unwrap());
+    // The same body but for the request id each answer carries.
+    let without_id = |mut v: Value| {
+        assert!(v["request_id"].as_str().is_some_and(|id| !id.is_empty()), "{v}");
+        v.as_object_mut().unwrap().remove("request_id");
+        v
+    };
+    assert_eq!(without_id(res.json().await.unwrap()), without_id(missing.json().await.unwrap()));
     assert_eq!(app.get(&format!("/api/messages/{group}"), &b.access_token).await.status(), 200);
 
     // valid token, no users row
@@ -215,12 +222,27 @@ async fn authorization_every_fault_and_never_dynamodb() {
         }
         let res = req.send().await.unwrap();
         assert_eq!(res.status(), 401, "{what}");
-        assert!(res.headers()["www-authenticate"].to_str().unwrap().starts_with("Bearer error="), "{what}");
+        let challenge = res.headers()["www-authenticate"].to_str().unwrap().to_string();
+        if what == "no header" {
+            // RFC 6750 section 3.1: no credentials sent, so no error code.
+            assert_eq!(challenge, "Bearer", "{what}");
+        } else {
+            assert!(challenge.starts_with("Bearer error="), "{what}: {challenge}");
+        }
+        let id = res.headers()["x-request-id"].to_str().unwrap().to_string();
         let v: Value = res.json().await.unwrap();
         assert_eq!(v["error"], "unauthorized", "{what}");
+        assert_eq!(v["request_id"], id.as_str(), "{what}: the body names the request id of the header");
     }
     let loads_after = app.metric("cruddur_syncd_cache_requests_total", &["cache=\"groups\""]).await;
     assert_eq!(loads_before, loads_after, "a rejected token reached the cache");
+    // Every refusal is counted by its reason.
+    for (reason, count) in [("missing", 1.0), ("bad_scheme", 1.0), ("token_use", 1.0), ("expired", 0.0)] {
+        let label = format!("reason=\"{reason}\"");
+        assert_eq!(app.metric("cruddur_syncd_auth_failures_total", &[&label]).await, count, "{reason}");
+    }
+    let refused = app.metric("cruddur_syncd_auth_failures_total", &[]).await;
+    assert_eq!(refused, 6.0, "six requests were refused");
     app.stop().await;
 }
 
@@ -486,6 +508,7 @@ async fn dynamodb_down_misses_are_503_and_hits_are_still_served() {
     assert_eq!(hit.status(), 200, "a cached list must be served while DynamoDB is down");
     let miss = app.get("/api/message_groups", &b.access_token).await;
     assert_eq!(miss.status(), 503);
+    assert_eq!(miss.headers()["retry-after"], "5", "a 503 says when to try again");
     let v: Value = miss.json().await.unwrap();
     assert_eq!(v["error"], "unavailable");
     proxy.set_down(false);

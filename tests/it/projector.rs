@@ -104,6 +104,8 @@ async fn wait_leading(app: &App) {
         app.metric("cruddur_syncd_projector_leader", &[]).await == 1.0
     })
     .await;
+    // What the "projector leaders != 1" alert is gated on (deploy/prometheus/alerts.yaml).
+    assert_eq!(app.metric("cruddur_syncd_projector_enabled", &[]).await, 1.0);
 }
 
 /// A daemon leading the projector (`extra`: more `[projector]` keys) whose DynamoDB client goes

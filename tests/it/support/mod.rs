@@ -328,7 +328,7 @@ impl TestDb {
         let mut conn = PgConnection::connect(PG_ADMIN_URL).await.unwrap_or_else(|e| {
             panic!("PostgreSQL does not answer at {PG_ADMIN_URL} ({e}); run scripts/ensure-postgres")
         });
-        sqlx::raw_sql(&format!(r#"CREATE DATABASE "{name}""#))
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(r#"CREATE DATABASE "{name}""#)))
             .execute(&mut conn)
             .await
             .unwrap_or_else(|e| panic!("creating database {name}: {e}"));
@@ -371,7 +371,9 @@ async fn drop_database(name: &str) -> Result<(), sqlx::Error> {
     .execute(&mut conn)
     .await?;
     // FORCE also covers a connection opened between the terminate and the drop.
-    sqlx::raw_sql(&format!(r#"DROP DATABASE IF EXISTS "{name}" WITH (FORCE)"#)).execute(&mut conn).await?;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(r#"DROP DATABASE IF EXISTS "{name}" WITH (FORCE)"#)))
+        .execute(&mut conn)
+        .await?;
     conn.close().await
 }
 
