@@ -411,6 +411,7 @@ impl Metrics {
             m.fanout_lag_seconds.clone(),
         );
         registry.register("fanout_gaps", "Follower cache flushes, by reason", m.fanout_gaps.clone());
+        registry.register(
             "projector_enabled",
             "1 when this instance runs the projector ([projector] enabled), leading or standing by, else 0",
             m.projector_enabled.clone(),
