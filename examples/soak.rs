@@ -30,7 +30,7 @@ use cruddur_syncd::model::{conversation_list, Message, MessageGroup, MessageGrou
 use cruddur_syncd::store::Store;
 use link::next_link;
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::{RngExt, SeedableRng};
 use support::{ms, quantile, rss_bytes, AnyResult};
 use tokio::sync::{Mutex, Semaphore};
 use uuid::Uuid;
@@ -169,18 +169,18 @@ impl Soak {
 
     /// One write on a random conversation; the conversation's lock keeps its writes in order.
     async fn write(&self, rng: &mut StdRng) -> Result<(), String> {
-        let c = &self.conversations[rng.gen_range(0..self.conversations.len())];
+        let c = &self.conversations[rng.random_range(0..self.conversations.len())];
         let mut st = c.state.lock().await;
-        let roll = rng.gen_range(0..10);
+        let roll = rng.random_range(0..10);
         if roll < 6 || st.messages.is_empty() {
             self.new_message(c, &mut st, rng).await?;
         } else if roll < 8 {
-            let i = rng.gen_range(0..st.messages.len());
+            let i = rng.random_range(0..st.messages.len());
             st.messages[i].message = format!("edited at {}", Utc::now().to_rfc3339());
             let item = st.messages[i].to_item();
             self.put(item).await?;
         } else {
-            let i = rng.gen_range(0..st.messages.len());
+            let i = rng.random_range(0..st.messages.len());
             let m = st.messages.remove(i);
             self.delete(format!("MSG#{}", c.id), &m.sk).await?;
         }
@@ -190,7 +190,7 @@ impl Soak {
     /// A new message, and both conversation rows moved to it: the old row deleted, the new put.
     async fn new_message(&self, c: &Conversation, st: &mut ConvState, rng: &mut StdRng) -> Result<(), String> {
         let sk = self.next_sk();
-        let sender = &self.users[if rng.gen_bool(0.5) { c.a } else { c.b }];
+        let sender = &self.users[if rng.random_bool(0.5) { c.a } else { c.b }];
         let m = Message {
             group: c.id,
             sk: sk.clone(),
@@ -223,14 +223,14 @@ impl Soak {
 
     /// One read of a random user: the conversation list or one of its conversations.
     async fn read(&self, rng: &mut StdRng) {
-        let c = &self.conversations[rng.gen_range(0..self.conversations.len())];
-        let user = &self.users[if rng.gen_bool(0.5) { c.a } else { c.b }];
-        let path = if rng.gen_bool(0.5) {
-            ["/api/message_groups", "/api/message_groups?limit=2"][rng.gen_range(0..2)].to_string()
+        let c = &self.conversations[rng.random_range(0..self.conversations.len())];
+        let user = &self.users[if rng.random_bool(0.5) { c.a } else { c.b }];
+        let path = if rng.random_bool(0.5) {
+            ["/api/message_groups", "/api/message_groups?limit=2"][rng.random_range(0..2)].to_string()
         } else {
-            format!("/api/messages/{}?limit={}", c.id, [20, 5][rng.gen_range(0..2)])
+            format!("/api/messages/{}?limit={}", c.id, [20, 5][rng.random_range(0..2)])
         };
-        let follow = rng.gen_bool(0.2);
+        let follow = rng.random_bool(0.2);
         let mut next = Some(path);
         while let Some(path) = next.take() {
             let t = Instant::now();
@@ -398,7 +398,7 @@ where
     while !stop.load(Ordering::Relaxed) {
         tick.tick().await;
         let Ok(slot) = slots.clone().acquire_owned().await else { break };
-        let fut = op(StdRng::seed_from_u64(rng.gen()));
+        let fut = op(StdRng::seed_from_u64(rng.random()));
         tasks.spawn(async move {
             fut.await;
             drop(slot);
@@ -421,7 +421,7 @@ async fn main() -> AnyResult<()> {
     let conversations = (0..users.len() * 3)
         .map(|i| {
             let a = i % users.len();
-            let b = (a + rng.gen_range(1..users.len())) % users.len();
+            let b = (a + rng.random_range(1..users.len())) % users.len();
             Conversation {
                 id: MessageGroupId(Uuid::new_v4()),
                 a,

@@ -13,7 +13,7 @@ use cruddur_syncd::tools::{self, JsonLines};
 use cruddur_syncd::{aws, check, daemon, logging, reconcile};
 
 // The API's request path makes many small, short-lived allocations, which glibc's malloc serves
-// markedly slower (README, "Benchmarks").
+// markedly slower (docs/benchmarks.md).
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use rand::Rng;
+use rand::RngExt;
 
 #[derive(Debug, Clone)]
 pub struct Backoff {
@@ -68,7 +68,7 @@ pub fn jitter(max: Duration) -> Duration {
     if ms == 0 {
         return Duration::ZERO;
     }
-    Duration::from_millis(rand::thread_rng().gen_range(0..=ms))
+    Duration::from_millis(rand::rng().random_range(0..=ms))
 }
 
 #[cfg(test)]

@@ -11,6 +11,8 @@
 //! names the loader accepts and the per-section validation all come from it.
 
 mod layering;
+#[cfg(test)]
+mod reference;
 mod sections;
 
 use std::fmt;

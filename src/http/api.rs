@@ -98,7 +98,7 @@ pub(crate) fn router(state: Arc<ApiState>, opts: &ApiOptions) -> Router {
 
 /// Everything the API does around a route, in one layer rather than one per concern (each
 /// `from_fn` costs a boxed future and a service clone per request, measurable on a cached
-/// request; README "Benchmarks"): tower-http's CORS logic with the policy in force at this request, the
+/// request; docs/benchmarks.md): tower-http's CORS logic with the policy in force at this request, the
 /// request metrics by route (the matched template, never the raw path), the request id, the
 /// JSON body of every error (with that id), and the access log line.
 async fn edge(State(state): State<Arc<ApiState>>, req: Request, next: Next) -> Response {

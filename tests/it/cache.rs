@@ -1,4 +1,4 @@
-//! The cache's rules end to end (README "Cache"): what a load reads, what a change that no longer
+//! The cache's rules end to end (docs/design.md, "Cache"): what a load reads, what a change that no longer
 //! fits does, and what clients see while DynamoDB does not answer. A daemon in-process, real
 //! moto, real PostgreSQL; the fault proxy stands between the daemon and DynamoDB where a test
 //! needs an outage.

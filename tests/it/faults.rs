@@ -1,4 +1,4 @@
-//! The faults the daemon promises to survive (README "Guarantees"), each against the real moto
+//! The faults the daemon promises to survive (docs/design.md, "Guarantees"), each against the real moto
 //! and PostgreSQL, each ending with the convergence check of SPEC section 8: once the fault is
 //! over and the stream drained, every user's conversations and every conversation's messages
 //! equal a consistent Query of DynamoDB (the start-up race checks the one list it would

@@ -16,7 +16,7 @@ use chrono::{TimeZone, Utc};
 use cruddur_syncd::model::{conversation_list, ApiEntry, Message, MessageGroup, MessageGroupId, Sk};
 use cruddur_syncd::store::Store;
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::{RngExt, SeedableRng};
 use tokio::sync::Mutex;
 use uuid::Uuid;
 
@@ -91,8 +91,8 @@ impl Cast {
         let mut rng = StdRng::seed_from_u64(seed);
         let groups = (0..groups)
             .map(|_| {
-                let a = rng.gen_range(0..users);
-                let b = (a + rng.gen_range(1..users)) % users;
+                let a = rng.random_range(0..users);
+                let b = (a + rng.random_range(1..users)) % users;
                 (MessageGroupId(Uuid::new_v4()), a, b)
             })
             .collect();
@@ -162,12 +162,13 @@ async fn write_one(s: &mut WriterState, cast: &Cast, store: &Store, clock: &Atom
     if s.mine.is_empty() {
         return;
     }
-    let (g, a, b) = cast.groups[s.mine[s.rng.gen_range(0..s.mine.len())]];
+    let (g, a, b) = cast.groups[s.mine[s.rng.random_range(0..s.mine.len())]];
     let users = &cast.users;
     let secs = clock.fetch_add(1, Ordering::Relaxed);
-    let sk = Sk::from_instant(Utc.timestamp_opt(1_700_000_000 + secs, s.rng.gen_range(0..1_000_000) * 1000).unwrap());
-    let sender = if s.rng.gen_bool(0.5) { &users[a] } else { &users[b] };
-    match s.rng.gen_range(0..10) {
+    let sk =
+        Sk::from_instant(Utc.timestamp_opt(1_700_000_000 + secs, s.rng.random_range(0..1_000_000) * 1000).unwrap());
+    let sender = if s.rng.random_bool(0.5) { &users[a] } else { &users[b] };
+    match s.rng.random_range(0..10) {
         // a new message, and the conversation rows move to it
         0..=5 => {
             let m = message(g, sk.clone(), sender, &format!("msg {secs} from {}", sender.handle));
@@ -186,7 +187,7 @@ async fn write_one(s: &mut WriterState, cast: &Cast, store: &Store, clock: &Atom
         // an edit of an earlier message
         6..=7 => {
             let i = match s.sent.get(&g) {
-                Some(list) if !list.is_empty() => s.rng.gen_range(0..list.len()),
+                Some(list) if !list.is_empty() => s.rng.random_range(0..list.len()),
                 _ => return,
             };
             let list = s.sent.get_mut(&g).unwrap();
@@ -196,7 +197,7 @@ async fn write_one(s: &mut WriterState, cast: &Cast, store: &Store, clock: &Atom
         // a deleted message
         _ => {
             let i = match s.sent.get(&g) {
-                Some(list) if !list.is_empty() => s.rng.gen_range(0..list.len()),
+                Some(list) if !list.is_empty() => s.rng.random_range(0..list.len()),
                 _ => return,
             };
             let m = s.sent.get_mut(&g).unwrap().remove(i);
@@ -246,9 +247,9 @@ impl Readers {
                     let mut rng = StdRng::seed_from_u64(100 + r as u64);
                     let mut seen = BTreeMap::new();
                     while !stop.load(Ordering::Relaxed) {
-                        let (g, a, _) = cast.groups[rng.gen_range(0..cast.groups.len())];
+                        let (g, a, _) = cast.groups[rng.random_range(0..cast.groups.len())];
                         let token = &cast.users[a].access_token;
-                        let path = if rng.gen_bool(0.5) {
+                        let path = if rng.random_bool(0.5) {
                             "/api/message_groups".to_string()
                         } else {
                             format!("/api/messages/{g}")
