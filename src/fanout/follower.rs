@@ -114,7 +114,7 @@ impl Follower {
         let config = consumer::pull::Config {
             deliver_policy: consumer::DeliverPolicy::New,
             ack_policy: consumer::AckPolicy::None,
-            filter_subject: format!("{}.>", self.nats.prefix),
+            filter_subject: wire::all_subjects(&self.nats.prefix),
             inactive_threshold: INACTIVE,
             ..Default::default()
         };

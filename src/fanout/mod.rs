@@ -127,7 +127,7 @@ impl Nats {
     async fn ensure_stream(&self, cfg: &FanoutConfig) -> Result<()> {
         let config = stream::Config {
             name: self.stream.clone(),
-            subjects: vec![format!("{}.>", self.prefix)],
+            subjects: vec![wire::all_subjects(&self.prefix)],
             max_age: cfg.max_age,
             num_replicas: usize::from(cfg.replicas),
             storage: stream::StorageType::File,
@@ -138,7 +138,7 @@ impl Nats {
             Error::Unavailable(format!("cannot create or read JetStream stream {} at {}: {e}", self.stream, self.url))
         })?;
         if let Ok(info) = stream.info().await {
-            let wanted = format!("{}.>", self.prefix);
+            let wanted = wire::all_subjects(&self.prefix);
             if !info.config.subjects.iter().any(|s| *s == wanted || s == ">") {
                 tracing::warn!(
                     stream = %self.stream,

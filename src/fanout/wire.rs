@@ -80,6 +80,11 @@ pub(crate) fn users_subject(prefix: &str) -> String {
     format!("{prefix}.users")
 }
 
+/// Every subject of the fan-out: what the stream stores and a follower reads.
+pub(crate) fn all_subjects(prefix: &str) -> String {
+    format!("{prefix}.>")
+}
+
 /// `(subject, headers, body)` of a notice.
 pub(crate) fn encode(prefix: &str, notice: &Notice) -> (String, HeaderMap, Bytes) {
     let mut headers = HeaderMap::new();
